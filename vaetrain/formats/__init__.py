@@ -1,0 +1,1 @@
+"""Checkpoint formats: reading, detecting and writing each family's on-disk layouts."""

@@ -1,0 +1,122 @@
+"""Safe weight I/O and the one-line errors users see when a checkpoint is wrong."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
+
+
+def _first(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a flat tensor dict from .safetensors or a torch pickle (``weights_only=True`` only).
+
+    Nesting under ``state_dict`` (Lightning) is unwrapped; non-tensor entries are dropped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a weights file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON header
+    if path.suffix == ".safetensors" or head[8:9] == b"{":
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises several error types for bad headers
+            if path.suffix == ".safetensors":
+                raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = _one_line(e)
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise CheckpointError(
+                f"{path}: refused to unpickle: it holds objects other than tensors, which could run code "
+                f"({msg[:200]}); convert it to safetensors with a trusted tool first"
+            ) from None
+        raise CheckpointError(f"{path}: not a checkpoint ({msg[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_one_line(e)[:200]})") from None
+    return flatten_state_dict(obj, path)
+
+
+def flatten_state_dict(obj, path: str | os.PathLike = "<memory>") -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return sd
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def check_and_load(
+    module: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    allow_missing: tuple[str, ...] = (),
+    allow_unexpected: tuple[str, ...] = (),
+) -> None:
+    """Strict ``load_state_dict`` with an error naming the first missing/unexpected/misshaped keys.
+
+    ``allow_missing`` / ``allow_unexpected`` are key prefixes tolerated on purpose (the caller
+    reports them, e.g. midblock attention dropped with an explicit option).
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd and not k.startswith(allow_missing)]
+    unexpected = [k for k in sd if k not in own and not k.startswith(allow_unexpected)]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_first(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes (file vs model): {_first(shapes, 3)}")
+    if problems:
+        raise CheckpointError(f"{path}: does not match {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+
+
+def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write atomically (temp file + rename) so a kill never leaves a half-written file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
