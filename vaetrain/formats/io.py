@@ -50,7 +50,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = _one_line(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        # torch wraps every weights_only failure in the same boilerplate; the reason follows this marker
+        msg = msg.split("WeightsUnpickler error:")[-1].strip()
+        if "Unsupported global" in msg or "GLOBAL" in msg:
             raise CheckpointError(
                 f"{path}: refused to unpickle: it holds objects other than tensors, which could run code "
                 f"({msg[:200]}); convert it to safetensors with a trusted tool first"
@@ -58,6 +60,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a checkpoint ({msg[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_one_line(e)[:200]})") from None
+    except Exception as e:  # the weights_only unpickler fails on arbitrary bytes with IndexError, KeyError, ...
+        raise CheckpointError(f"{path}: not a checkpoint ({type(e).__name__}: {_one_line(e)[:200]})") from None
     return flatten_state_dict(obj, path)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from vaetrain.models.base import Autoencoder
 
-__all__ = ["Autoencoder", "load_autoencoder", "save_autoencoder"]
+__all__ = ["Autoencoder", "load_autoencoder", "load_weights", "save_autoencoder"]
 
 
 def load_autoencoder(source, preset: str | None = None, subfolder: str | None = None, *,
@@ -28,3 +28,10 @@ def save_autoencoder(ae: Autoencoder, out_path, format: str = "diffusers"):
     from vaetrain.formats import loading
 
     return loading.save_autoencoder(ae, out_path, format=format)
+
+
+def load_weights(ae: Autoencoder, source, allow_drop_attention: bool = False, subfolder: str | None = None) -> Autoencoder:
+    """Load a checkpoint into an existing model (e.g. a student initialised from its teacher)."""
+    from vaetrain.formats import loading
+
+    return loading.load_weights(ae, source, allow_drop_attention=allow_drop_attention, subfolder=subfolder)
