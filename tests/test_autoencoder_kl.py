@@ -73,14 +73,17 @@ def test_parity_and_round_trips(tmp_path, name, kwargs, scale, shift):
     # 2. original single file, made with our diffusers->original key map, prefixed as full checkpoints are
     orig = kl.diffusers_to_original(dvae.state_dict())
     assert "decoder.up.0.block.0.conv1.weight" in orig and "encoder.mid.attn_1.q.weight" in orig
-    if name == "sd1":  # Lightning LDM .ckpt: nested under state_dict, with loss.* to drop
+    if name == "sd1":  # Lightning LDM autoencoder .ckpt: nested under state_dict, loss.* and EMA state to drop
         f = tmp_path / "model.ckpt"
-        sd = {f"first_stage_model.{k}": v for k, v in orig.items()}
-        sd["loss.discriminator.main.0.weight"] = torch.zeros(2)
+        sd = {**orig, "loss.discriminator.main.0.weight": torch.zeros(2), "model_ema.decay": torch.tensor(0.999)}
         torch.save({"state_dict": sd, "global_step": 7}, f)
-    else:
+    else:  # SGM full checkpoint (VAE beside the UNet), bare SD3 file, BFL-style "vae." prefix
         f = tmp_path / "ae.safetensors"
-        write_safetensors({("vae." if name == "flux1" else "") + k: v for k, v in orig.items()}, f)
+        prefix = {"sdxl": "first_stage_model.", "flux1": "vae."}.get(name, "")
+        sd = {prefix + k: v for k, v in orig.items()}
+        if name == "sdxl":
+            sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(2)
+        write_safetensors(sd, f)
     with pytest.warns(UserWarning, match="scale/shift"):
         bare = load_autoencoder(f)  # an original file does not say its convention
     assert (bare.scaling_factor, bare.shift_factor) == (1.0, 0.0)

@@ -492,15 +492,3 @@ class Adversarial(nn.Module):
         return (f"weight={self.weight}, loss={self.loss!r}, start_step={self.start_step}, adaptive={self.adaptive}, "
                 f"conditional={self.conditional}, real={self.real!r}")
 
-
-def describe(terms) -> str:
-    """One line naming each term, its weight and (for LPIPS) its mode: for logs and run summaries."""
-    items = terms.items() if isinstance(terms, dict) else ((t.name, t) for t in terms)
-    parts = []
-    for key, t in items:
-        if t is None:
-            continue
-        extra = f" [{t.mode_name}]" if isinstance(t, LPIPS) else ""
-        parts.append(f"{key}*{getattr(t, 'weight', 1.0):g}{extra}")
-    return ", ".join(parts)
-

@@ -298,13 +298,31 @@ class VAETrainModule(L.LightningModule):
                 state_dict[k] = v
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def _datamodule(self):
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def on_train_epoch_start(self) -> None:
+        # the data order is a function of (seed, epoch): pin the epoch so that a resumed run sees the
+        # batches an uninterrupted one would
+        dm = self._datamodule()
+        if hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # plain lists/tensors only, so ``torch.load(weights_only=True)`` can read the checkpoint
         np_state = np.random.get_state()
+        # the epoch the data stream resumes in: the next one when this save ends an epoch (loaders are
+        # restarted per epoch; a save mid-epoch cannot be resumed sample-exactly)
+        data_epoch = self.current_epoch
+        if self._trainer is not None:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if done >= self.trainer.num_training_batches:
+                data_epoch += 1
         checkpoint["vaetrain"] = {
             "config": self.config,
             "mode": self.mode,
             "nonfinite_total": self.nonfinite_total,
+            "data_epoch": data_epoch,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
@@ -315,6 +333,10 @@ class VAETrainModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("vaetrain") or {}
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        dm = self._datamodule()
+        if hasattr(dm, "set_epoch") and "data_epoch" in state:
+            # before the loader's first iterator (and its workers) exist
+            dm.set_epoch(int(state["data_epoch"]))
         rng = state.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -322,6 +344,15 @@ class VAETrainModule(L.LightningModule):
             np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
             v, internal, gauss = rng["python"]
             random.setstate((v, tuple(internal), gauss))
+
+    def on_train_end(self) -> None:
+        # a cheap guard against silently diverged DDP replicas: every rank's student checksum
+        with torch.no_grad():
+            total = sum((p.detach().double().sum() for p in self.student.parameters()), torch.zeros((), dtype=torch.float64))
+        gathered = self.all_gather(total.to(self.device))
+        self.replica_checksums = [float(v) for v in gathered.reshape(-1)]
+        if len(set(self.replica_checksums)) > 1:
+            raise RuntimeError(f"DDP replicas diverged: student checksums per rank {self.replica_checksums}")
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self):

@@ -185,7 +185,9 @@ def train(
     result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(last) if last else None,
                               "steps": int(pl_trainer.global_step), "preempted": preempted,
                               "seconds": round(time.time() - t0, 1),
-                              "nonfinite_skipped": pl_module.nonfinite_total, "exports": {}, "logs": {}}
+                              "nonfinite_skipped": pl_module.nonfinite_total, "world_size": pl_trainer.world_size,
+                              "replica_checksums": getattr(pl_module, "replica_checksums", None),
+                              "exports": {}, "logs": {}}
     if not pl_trainer.is_global_zero:
         return result
     if export and not preempted:

@@ -60,7 +60,8 @@ def extract(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         return None
     prefix, layout = found
     sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    sub = {k: v for k, v in sub.items() if not k.startswith("loss.")}  # Lightning LDM: discriminator/LPIPS
+    # Lightning LDM training state: discriminator/LPIPS (loss.*) and the EMA bookkeeping (model_ema.*)
+    sub = {k: v for k, v in sub.items() if not k.startswith(("loss.", "model_ema."))}
     sub = diffusers_to_original(sub) if layout == "diffusers" else sub
     # some converted files store attention as Linear (C, C); the original layout is a 1x1 conv
     return {k: (v[:, :, None, None] if ATTN in k and k.endswith(".weight") and v.ndim == 2 else v)

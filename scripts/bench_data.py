@@ -1,0 +1,176 @@
+"""Loader throughput against a plain PIL loop, latent-cache build time, and cached vs live teacher steps.
+
+    python scripts/bench_data.py [--images 192] [--size 256] [--workers 0,1,2] [--cache-images 32]
+
+Every number is a ratio against a baseline measured in the same run on the same files:
+1. images/s of ``ImageDataModule`` (WebDataset shards holding the photos' original bytes, and the
+   folder source) vs a plain ``PIL open -> RGB -> resize short side -> centre crop -> tensor`` loop,
+   for 0, 1 and 2 loader workers; "per worker" divides by max(1, workers) x the plain loop's rate
+   (target: >= 0.90).
+2. seconds to cache the real TAEF2 teacher's latents for ``--cache-images`` photos.
+3. a decoder-distillation step (tiny TAESD decoder student, MSE to the photo through the teacher's
+   latents) fed from the cache vs encoding with the teacher on the fly.
+Needs the real assets (../shared/assets or $VAETRAIN_ASSETS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vaetrain.cli import assets_dir
+from vaetrain.convention import uint8_to_model
+from vaetrain.data import ImageDataModule, list_images
+
+
+def plain_loop(files: list[str], size: int) -> float:
+    """The baseline: what anyone would write by hand. Returns images/s."""
+    t = time.perf_counter()
+    for f in files:
+        img = Image.open(f).convert("RGB")
+        w, h = img.size
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        arr = np.asarray(img.crop((left, top, left + size, top + size)))
+        torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, S, S)
+    return len(files) / (time.perf_counter() - t)
+
+
+def loader_rate(dm: ImageDataModule, n: int) -> float:
+    loader = dm.train_dataloader()
+    t, seen = time.perf_counter(), 0
+    for b in loader:  # includes worker start-up, as a real epoch does
+        seen += b["image"].shape[0]
+    assert seen == n, (seen, n)
+    return seen / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=192)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--cache-images", type=int, default=32)
+    p.add_argument("--cache-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=6)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    assets = Path(assets_dir())
+    if not (assets / "images").is_dir():
+        sys.exit(f"bench_data: assets not found at {assets} (set VAETRAIN_ASSETS)")
+    files = list_images(assets / "images" / "train" / "imagenet400")[: args.images]
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    try:
+        from vaetrain.shards import make_shards
+
+        folder = tmp / "photos"
+        folder.mkdir()
+        for f in files:
+            shutil.copy(f, folder / Path(f).name)
+        # 4 shards so 2 workers get equal shares; original bytes, no re-encode
+        make_shards([str(folder)], str(tmp / "shards"), max_samples=max(1, len(files) // 4))
+        n = len(files) // 4 * 4
+        bs = 8 if n % 8 == 0 else 4
+        files = list_images(folder)[:n]
+
+        print(f"# 1. loader vs plain PIL loop: {n} photos (~500x375 JPEG), {args.size}px centre crop, "
+              f"torch threads 2, {torch.get_num_threads()} intra-op, {len(__import__('os').sched_getaffinity(0))} cpus")
+        print(f"{'source':<11} {'workers':>7} {'plain img/s':>11} {'loader img/s':>12} {'ratio':>6} {'per worker':>10}")
+        for w in (int(x) for x in args.workers.split(",")):
+            for source in ("webdataset", "folder"):
+                kw = dict(shards=str(tmp / "shards")) if source == "webdataset" else dict(folder=str(folder))
+                best_plain, best_loader = 0.0, 0.0
+                for _ in range(args.repeat):  # interleaved, best of N: both see the same machine load
+                    best_plain = max(best_plain, plain_loop(files, args.size))
+                    dm = ImageDataModule(source=source, image_size=args.size, batch_size=bs, num_workers=w,
+                                         crop="center", flip=False, shuffle=False, persistent_workers=False,
+                                         drop_last=False, **kw)
+                    best_loader = max(best_loader, loader_rate(dm, n))
+                ratio = best_loader / best_plain
+                print(f"{source:<11} {w:>7} {best_plain:>11.1f} {best_loader:>12.1f} {ratio:>6.2f} "
+                      f"{ratio / max(1, w):>10.2f}")
+        bench_cache(assets, folder, tmp, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_cache(assets: Path, folder: Path, tmp: Path, args) -> None:
+    from vaetrain.cache import cache_latents
+    from vaetrain.models import load_autoencoder
+    from vaetrain.models.taesd import TAESD
+
+    w = assets / "weights"
+    teacher = load_autoencoder([str(w / "taef2_encoder.pth"), str(w / "taef2_decoder.pth")]).eval()
+    files = list_images(folder)[: args.cache_images]
+    sub = tmp / "cache_src"
+    sub.mkdir()
+    for f in files:
+        shutil.copy(f, sub / Path(f).name)
+    size, bs = args.cache_size, 4
+    image_dm = dict(source="folder", folder=str(sub), image_size=size, batch_size=bs, num_workers=0,
+                    crop="center", flip=False, shuffle=False, drop_last=False)
+    t = time.perf_counter()
+    s = cache_latents(teacher, ImageDataModule(**image_dm), str(tmp / "cache"), dtype="fp16", device="cpu")
+    total = time.perf_counter() - t
+    print(f"\n# 2. cache-latents, real TAEF2 on CPU, {s['samples']} photos at {size}px: {total:.2f} s "
+          f"({s['samples'] / total:.1f} img/s; teacher encode {s['encode_seconds']:.2f} s)")
+
+    torch.manual_seed(0)
+    student = TAESD(latent_channels=32, width=16, encoder=False)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+
+    def step(batch, latent):
+        loss = torch.nn.functional.mse_loss(student.decode(latent), uint8_to_model(batch["image"]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def run(kind: str) -> float:
+        if kind == "cached":
+            dm = ImageDataModule(source="cached", shards=str(tmp / "cache"), image_size=size, batch_size=bs,
+                                 num_workers=0, crop="center", flip=False, shuffle=False, drop_last=True)
+            dm.expect_teacher(teacher)
+        else:
+            dm = ImageDataModule(**{**image_dm, "drop_last": True})
+        times = []
+        for i, batch in enumerate(_cycle(dm, args.steps + 1)):
+            t0 = time.perf_counter()  # the loader's own time is measured above; here: teacher + student
+            if kind == "cached":
+                latent = batch["latent"].float()
+            else:
+                with torch.no_grad():
+                    latent = teacher.encode(uint8_to_model(batch["image"]))
+            step(batch, latent)
+            if i:  # the first step warms up allocators
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    live, cached = run("live"), run("cached")
+    print(f"# 3. decoder-distillation step (TAEF2 teacher, TAESD-w16 decoder student, batch {bs} at {size}px, "
+          f"median of {args.steps}):")
+    print(f"   live teacher encode: {live * 1e3:.1f} ms/step   cached latents: {cached * 1e3:.1f} ms/step   "
+          f"saving {1 - cached / live:.0%} ({live / cached:.2f}x faster)")
+
+
+def _cycle(dm: ImageDataModule, n: int):
+    got = 0
+    while got < n:
+        for b in dm.train_dataloader():
+            yield b
+            got += 1
+            if got >= n:
+                return
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""`vaetrain cache-latents`: the cache round trip, rank splits, and stale caches refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaetrain.cache import cache_latents, teacher_fingerprint
+from vaetrain.convention import uint8_to_model
+from vaetrain.data import ImageDataModule
+from vaetrain.models.autoencoder_kl import AutoencoderKL
+from vaetrain.models.taesd import TAESD
+
+
+@pytest.fixture(scope="module")
+def photos(assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("photos")
+    for f in sorted((assets / "images" / "train" / "bsds500").iterdir())[:12]:
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def kl_teacher(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    # scale/shift != (1, 0) so the cache must store the diffusion-space posterior
+    return AutoencoderKL(latent_channels=4, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                         encoder_attention=False, decoder_attention=False, norm_groups=4,
+                         scaling_factor=0.5, shift_factor=0.1).eval()
+
+
+def tiny_taesd() -> TAESD:
+    torch.manual_seed(1)
+    return TAESD(latent_channels=4, width=8).eval()
+
+
+def image_dm(photos, **kw) -> ImageDataModule:
+    args = dict(source="folder", folder=str(photos), image_size=32, batch_size=4, num_workers=0,
+                crop="center", flip=False, shuffle=False)
+    args.update(kw)
+    return ImageDataModule(**args)
+
+
+def cached_dm(out, **kw) -> ImageDataModule:
+    args = dict(source="cached", shards=str(out), image_size=32, batch_size=4, num_workers=0, crop="center",
+                flip=False, shuffle=False)
+    args.update(kw)
+    return ImageDataModule(**args)
+
+
+@pytest.fixture(scope="module")
+def cache(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    teacher, teacher_b = kl_teacher(), tiny_taesd()
+    summary = cache_latents(teacher, image_dm(photos), str(out), teacher_b=teacher_b, dtype="fp16",
+                            device="cpu", samples_per_shard=5)
+    return out, teacher, teacher_b, summary
+
+
+def test_cache_round_trip(photos, cache):
+    out, teacher, teacher_b, summary = cache
+    assert summary["samples"] == 12 and [s["samples"] for s in summary["shards"]] == [5, 5, 2]
+    meta = json.loads((out / "cache_meta.json").read_text())
+    assert meta["teacher"] == teacher_fingerprint(teacher) and meta["teacher_b"] == teacher_fingerprint(teacher_b)
+    assert (meta["image_size"], meta["crop"], meta["flip"], meta["dtype"]) == (32, "center", False, "fp16")
+    m = cached_dm(out)
+    m.expect_teacher(teacher, teacher_b)
+    batches = list(m.train_dataloader())
+    ref = list(image_dm(photos).train_dataloader())
+    assert len(batches) == 3 and all(b["latent"].dtype == torch.float16 for b in batches)
+    for b, r in zip(batches, ref):
+        assert torch.equal(b["image"], r["image"])  # the preprocessed image, bit for bit
+        x = uint8_to_model(b["image"])
+        with torch.no_grad():
+            mean, logvar = teacher.posterior(x)
+            want = (mean - 0.1) * 0.5
+            assert b["latent"].shape == (4, 4, 16, 16)
+            torch.testing.assert_close(b["latent"].float(), want, atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(b["logvar"].float(), logvar + 2 * torch.log(torch.tensor(0.5)),
+                                       atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(b["latent_b"].float(), teacher_b.encode(x), atol=2e-3, rtol=2e-3)
+    # expectations beyond preprocessing are optional; 2 workers split the 3 shards between them
+    two = list(cached_dm(out, num_workers=2, drop_last=False).train_dataloader())
+    assert sorted(k for b in two for k in b["__key__"]) == sorted(k for b in batches for k in b["__key__"])
+
+
+def test_stale_cache_refused(photos, cache):
+    out, teacher, _, _ = cache
+    other = kl_teacher()
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3  # one weight changed
+    m = cached_dm(out)
+    m.expect_teacher(other)
+    with pytest.raises(ValueError, match=r"stale latent cache \(teacher: cache has 'AutoencoderKL\("):
+        m.train_dataloader()
+    with pytest.raises(ValueError, match=r"image_size: cache has 32, expected 64"):
+        cached_dm(out, image_size=64).train_dataloader()
+    with pytest.raises(ValueError, match="flip must be false"):
+        cached_dm(out, flip=True)
+    m = cached_dm(out, expect_cache_meta={"teacher": "TAESD()@0"})
+    with pytest.raises(ValueError, match="rebuild it with `vaetrain cache-latents`"):
+        m.train_dataloader()
+
+
+def test_not_a_cache_refused(photos, tmp_path):
+    from vaetrain.shards import make_shards
+
+    make_shards([str(photos)], str(tmp_path), max_size=48)
+    with pytest.raises(ValueError, match="not a vaetrain latent cache"):
+        cached_dm(tmp_path).train_dataloader()
+
+
+def test_fingerprint_identity():
+    a, b = kl_teacher(), kl_teacher()
+    assert teacher_fingerprint(a) == teacher_fingerprint(b)
+    half = kl_teacher().half()  # fp16 weights (as shipped) ...
+    fp16_fp = teacher_fingerprint(half)
+    assert teacher_fingerprint(half.float()) == fp16_fp  # ... loaded into fp32: same values, same identity
+    assert teacher_fingerprint(a) != teacher_fingerprint(kl_teacher(seed=5))
+    assert "AutoencoderKL(" in teacher_fingerprint(a) and "scaling_factor=0.5" in teacher_fingerprint(a)
+
+
+def test_ranks_take_disjoint_shares(photos, tmp_path):
+    teacher = tiny_taesd()
+    sums = [cache_latents(teacher, image_dm(photos), str(tmp_path), dtype="bf16", device="cpu", rank=r,
+                          world_size=2) for r in range(2)]
+    assert [s["samples"] for s in sums] == [6, 6]
+    keys = [set(), set()]
+    for r in range(2):
+        m = cached_dm(tmp_path, shards=str(tmp_path / f"cache-r{r:03d}-000000.tar"))
+        for b in m.train_dataloader():
+            assert b["latent"].dtype == torch.bfloat16 and "logvar" not in b
+        keys[r] = {json.loads(Path(p).read_text())["rank"] for p in [tmp_path / f"manifest-r{r:03d}.json"]}
+    assert keys == [{0}, {1}]
+    sources = [set(), set()]
+    import tarfile
+    for r in range(2):
+        with tarfile.open(tmp_path / f"cache-r{r:03d}-000000.tar") as tf:
+            sources[r] = {json.loads(tf.extractfile(n).read())["source"] for n in tf.getnames()
+                          if n.endswith(".json") and not n.startswith("__")}
+    assert len(sources[0]) == len(sources[1]) == 6 and not sources[0] & sources[1]
+
+
+def test_cli_with_real_taef2(assets, tmp_path):
+    from vaetrain.cli import run
+    from vaetrain.models import load_autoencoder
+
+    out = tmp_path / "c"
+    s = run("cache-latents", [f"output={out}", "data=synthetic", "data.image_size=32", "data.synthetic_count=6",
+                              "data.num_workers=0", "data.batch_size=3", "device=cpu"])
+    assert s["samples"] == 6 and s["meta"]["latent_channels"] == 32 and s["meta"]["has_logvar"] is False
+    taef2 = load_autoencoder([str(assets / "weights" / "taef2_encoder.pth"), str(assets / "weights" / "taef2_decoder.pth")])
+    m = cached_dm(out, batch_size=3)
+    m.expect_teacher(taef2)
+    b = next(iter(m.train_dataloader()))
+    assert b["latent"].shape == (3, 32, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(b["latent"].float(), taef2.encode(uint8_to_model(b["image"])), atol=5e-3, rtol=5e-3)
