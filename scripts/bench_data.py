@@ -16,6 +16,7 @@ Needs the real assets (../shared/assets or $VAETRAIN_ASSETS).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -46,23 +47,27 @@ def plain_loop(files: list[str], size: int) -> float:
 
 
 def loader_rate(dm: ImageDataModule, n: int) -> float:
-    loader = dm.train_dataloader()
+    """Steady-state images/s: the clock starts at the first batch, so worker start-up (paid once per
+    run with persistent workers) is left out, as it is from any long epoch."""
+    it = iter(dm.train_dataloader())
+    first = next(it)["image"].shape[0]
     t, seen = time.perf_counter(), 0
-    for b in loader:  # includes worker start-up, as a real epoch does
+    for b in it:
         seen += b["image"].shape[0]
-    assert seen == n, (seen, n)
+    assert seen + first == n, (seen + first, n)
     return seen / (time.perf_counter() - t)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=192)
+    p.add_argument("--images", type=int, default=128)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--cache-images", type=int, default=32)
+    p.add_argument("--cache-images", type=int, default=12)
     p.add_argument("--cache-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="auto", help="teacher/student device for parts 2-3: auto | cpu | cuda")
     args = p.parse_args()
     torch.set_num_threads(2)
     assets = Path(assets_dir())
@@ -84,7 +89,7 @@ def main() -> None:
         files = list_images(folder)[:n]
 
         print(f"# 1. loader vs plain PIL loop: {n} photos (~500x375 JPEG), {args.size}px centre crop, "
-              f"torch threads 2, {torch.get_num_threads()} intra-op, {len(__import__('os').sched_getaffinity(0))} cpus")
+              f"{len(os.sched_getaffinity(0))} cpus, load average {os.getloadavg()[0]:.1f} at start")
         print(f"{'source':<11} {'workers':>7} {'plain img/s':>11} {'loader img/s':>12} {'ratio':>6} {'per worker':>10}")
         for w in (int(x) for x in args.workers.split(",")):
             for source in ("webdataset", "folder"):
@@ -120,17 +125,18 @@ def bench_cache(assets: Path, folder: Path, tmp: Path, args) -> None:
     image_dm = dict(source="folder", folder=str(sub), image_size=size, batch_size=bs, num_workers=0,
                     crop="center", flip=False, shuffle=False, drop_last=False)
     t = time.perf_counter()
-    s = cache_latents(teacher, ImageDataModule(**image_dm), str(tmp / "cache"), dtype="fp16", device="cpu")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    s = cache_latents(teacher, ImageDataModule(**image_dm), str(tmp / "cache"), dtype="fp16", device=str(dev))
     total = time.perf_counter() - t
-    print(f"\n# 2. cache-latents, real TAEF2 on CPU, {s['samples']} photos at {size}px: {total:.2f} s "
+    print(f"\n# 2. cache-latents, real TAEF2 on {dev}, {s['samples']} photos at {size}px: {total:.2f} s "
           f"({s['samples'] / total:.1f} img/s; teacher encode {s['encode_seconds']:.2f} s)")
 
     torch.manual_seed(0)
-    student = TAESD(latent_channels=32, width=16, encoder=False)
+    student = TAESD(latent_channels=32, width=16, encoder=False).to(dev)
     opt = torch.optim.Adam(student.parameters(), lr=1e-4)
 
     def step(batch, latent):
-        loss = torch.nn.functional.mse_loss(student.decode(latent), uint8_to_model(batch["image"]))
+        loss = torch.nn.functional.mse_loss(student.decode(latent), uint8_to_model(batch["image"].to(dev)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -146,11 +152,13 @@ def bench_cache(assets: Path, folder: Path, tmp: Path, args) -> None:
         for i, batch in enumerate(_cycle(dm, args.steps + 1)):
             t0 = time.perf_counter()  # the loader's own time is measured above; here: teacher + student
             if kind == "cached":
-                latent = batch["latent"].float()
+                latent = batch["latent"].to(dev).float()
             else:
                 with torch.no_grad():
-                    latent = teacher.encode(uint8_to_model(batch["image"]))
+                    latent = teacher.encode(uint8_to_model(batch["image"].to(dev)))
             step(batch, latent)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             if i:  # the first step warms up allocators
                 times.append(time.perf_counter() - t0)
         return float(np.median(times))

@@ -76,9 +76,13 @@ def test_determinism_per_seed_and_epoch(photo_shards):
     loader = m.train_dataloader()
     e0, e1 = keys_of(collect(loader)), keys_of(collect(loader))  # the second pass is epoch 1
     assert e0 == keys_of(a) and e1 != e0 and sorted(e1) == sorted(e0)
+    assert m.state_dict()["next_epoch"] == 2
     m2 = dm(photo_shards)
     m2.set_epoch(1)
     assert keys_of(collect(m2.train_dataloader())) == e1
+    m3 = dm(photo_shards)  # a resumed run: the checkpointed data module state picks the epoch
+    m3.load_state_dict({"next_epoch": 1})
+    assert keys_of(collect(m3.train_dataloader())) == e1
     other_seed = collect(dm(photo_shards, seed=4).train_dataloader())
     assert keys_of(other_seed) != keys_of(a)
 
@@ -294,7 +298,8 @@ def test_salted_shards_train_through_lightning(salted):
 
 def test_skip_rate_abort_is_one_clear_error(salted):
     m = dm(salted, num_workers=0, batch_size=2, max_skip_rate=0.1, min_samples_for_skip_rate=4)
-    with pytest.raises(RuntimeError, match=r"skip rate \d+\.\d% exceeds max_skip_rate=10\.0% \(\d+ skipped of \d+; top reasons: [a-z_]+=\d"):
+    msg = r"skip rate \d+\.\d% exceeds max_skip_rate=10\.0% \(\d+ skipped of \d+; top reasons: [a-z_]+=\d"
+    with pytest.raises(RuntimeError, match=msg):
         collect(m.train_dataloader())
     # the main-process check (what Lightning calls before each batch) says the same
     with pytest.raises(RuntimeError, match="top reasons"):
@@ -308,3 +313,57 @@ def test_bad_arguments_are_clear():
         ImageDataModule(source="webdataset")
     with pytest.raises(ValueError, match="does not exist"):
         ImageDataModule(source="folder", folder="/nonexistent/x").train_dataloader()
+
+
+def test_lightning_epochs_follow_seed_and_epoch(photo_shards):
+    """Under Lightning (persistent workers, set_epoch at each epoch start as the training module does),
+    epoch e streams exactly what a plain loop's epoch e streams."""
+    import lightning.pytorch as pl
+
+    seen: list[list[str]] = []
+
+    class Record(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def on_train_epoch_start(self):
+            self.trainer.datamodule.set_epoch(self.current_epoch)
+            seen.append([])
+
+        def training_step(self, batch, _):
+            seen[-1].extend(batch["__key__"])
+            return self.w * batch["image"].float().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    m = dm(photo_shards, num_workers=2)
+    pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(Record(), datamodule=m)
+    loader = dm(photo_shards, num_workers=2).train_dataloader()
+    plain = [keys_of(collect(loader)) for _ in range(3)]
+    assert seen == plain and plain[0] != plain[1] != plain[2]
+
+
+def test_http_url(photo_shards):
+    """http(s):// shards stream through curl (a local server stands in for a bucket)."""
+    import functools
+    import http.server
+    import threading
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(photo_shards))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        url = f"http://127.0.0.1:{port}/shard-{{000000..000001}}.tar"
+        batches = collect(dm(url, shuffle=False).train_dataloader())
+        assert keys_of(batches) == [f"{i:08d}" for i in range(16)]
+        m = dm(f"http://127.0.0.1:{port}/missing.tar", shuffle=False)
+        assert collect(m.train_dataloader()) == [] and m.skip_stats()["unreadable_source"] == 1
+    finally:
+        server.shutdown()

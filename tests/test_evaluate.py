@@ -143,6 +143,9 @@ def test_latent_stats_against_direct_computation(folder):
     zd = (z - sug["shift_factor"]) * sug["scaling_factor"]
     assert float(zd.mean()) == pytest.approx(0, abs=1e-6) and float(zd.std(unbiased=False)) == pytest.approx(1, rel=1e-5)
     assert r["current"]["diffusion_std"] == pytest.approx(r["std"] * 0.5)
+    batches = [{"image": torch.stack([t for _, t in read_images(folder, size=32)])}]  # a loader's dict batches
+    r2 = latent_stats(model, batches, limit=2, quiet=True)
+    assert r2["images"] == 2 and r2["mean"] == pytest.approx(float(z[:2].mean()), abs=1e-6)
     with pytest.raises(ValueError, match="needs a model with an encoder"):
         latent_stats(tiny_kl(encoder=False), folder, quiet=True)
 

@@ -373,3 +373,17 @@ def test_official_lpips_offline_error_is_clear(monkeypatch):
     monkeypatch.setattr(torchvision.models, "alexnet", no_download)
     with pytest.raises(ValueError, match="pass backbone_weights=PATH"):
         LPIPS(net="alex", pretrained=True)
+
+
+def test_gan_and_adaptive_weight_under_bf16_autocast():
+    student = nn.Conv2d(3, 3, 3, padding=1)
+    adv = small_gan()
+    target = images()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recon = student(target)
+        rec = F.mse_loss(recon.float(), target)
+        g = adv.g_loss(inputs(recon=recon))
+        w = adv.g_weight(rec, g, student.weight, step=0)
+        d, stats = adv.d_loss(inputs(real=target, recon=recon))
+    assert g.dtype == d.dtype == w.dtype == torch.float32
+    assert all(torch.isfinite(t) for t in (g, d, w, stats["logits_real"]))

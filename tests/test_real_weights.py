@@ -1,4 +1,10 @@
-"""Real tiny weights from shared/assets load strictly and reproduce their published quality."""
+"""Real tiny weights from shared/assets load strictly and reproduce their published quality.
+
+The full TAEF2 Kodak24 check (24 images at 496 px, ~6 TFLOP) takes 1-8 minutes on 2 shared cores, so it
+runs only with ``VAETRAIN_FULL_EVAL=1``; the default suite checks TAEF2 on three 256 px Kodak crops.
+"""
+
+import os
 
 import numpy as np
 import pytest
@@ -32,13 +38,28 @@ def sd1_latents(assets, kodak):
         return ae.encode(kodak)
 
 
-@torch.inference_mode()
-def test_taef2_kodak24_psnr(assets, kodak):
+@pytest.fixture(scope="module")
+def taef2(assets):
     w = assets / "weights"
     ae = tiny.try_load([w / "taef2_encoder.pth", w / "taef2_decoder.pth"]).eval()
     assert isinstance(ae, TAESD) and ae.flux_2 and ae.latent_channels == 32 and ae.downsample_factor == 8
+    return ae
+
+
+@torch.inference_mode()
+def test_taef2_quick_kodak_crops(taef2, kodak):
+    """Three 256 px crops: 25.8 / 31.4 / 32.4 dB measured; without the pool branches it falls to ~16 dB."""
+    x = kodak[:3, :, 120:376, 120:376]
+    scores = psnr(taef2.decode(taef2.encode(x)).clamp(-1, 1), x)
+    assert (scores > 25).all() and scores.mean() > 29.5, scores
+
+
+@pytest.mark.skipif(os.environ.get("VAETRAIN_FULL_EVAL") != "1", reason="full Kodak24 TAEF2 eval: set VAETRAIN_FULL_EVAL=1")
+@torch.inference_mode()
+def test_taef2_kodak24_psnr(taef2, kodak):
+    ae = taef2
     scores = []
-    for batch in kodak.split(4):
+    for batch in kodak.split(1):
         z = ae.encode(batch)
         assert z.shape[1:] == (32, 62, 62)
         scores.append(psnr(ae.decode(z).clamp(-1, 1), batch))

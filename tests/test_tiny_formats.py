@@ -70,11 +70,13 @@ def test_taesd_halves_roundtrip(tmp_path, flags):
     assert "0.weight" in read_state_dict(enc) and "1.weight" in read_state_dict(dec)  # original Sequential keys
     f = 32 if flags.get("downsample_factor") == 32 else 8
     x = torch.rand(1, 3, 2 * f, 2 * f) * 2 - 1
+    with torch.no_grad():
+        ref = ours.decode(ours.encode(x))
     for source in (out, [enc, dec], [dec, enc]):  # folder or list, in any order
         again = tiny.try_load(source)
         assert again.config() == ours.config()
         with torch.no_grad():
-            torch.testing.assert_close(again.decode(again.encode(x)), ours.decode(ours.encode(x)), atol=0, rtol=0)
+            torch.testing.assert_close(again.decode(again.encode(x)), ref, atol=0, rtol=0)
     dec_only = tiny.try_load(dec)  # one half alone
     assert dec_only.has_decoder and not dec_only.has_encoder and dec_only.flux_2 == ours.flux_2
 
@@ -174,3 +176,14 @@ def test_through_load_and_save_autoencoder(tmp_path):
     d = save_autoencoder(ours, tmp_path / "d", format="diffusers")
     torch.testing.assert_close(load_autoencoder(d).decode(ours.encode(x)), ours.decode(ours.encode(x)), atol=0, rtol=0)
     assert loading is not None
+
+
+def test_folder_with_pth_and_safetensors_copies(tmp_path):
+    ours = TAESD(4, width=8)
+    out = tiny.save(ours, tmp_path / "f", "taesd")
+    for half in ("encoder", "decoder"):  # hub repos ship both .pth and .safetensors of each half
+        torch.save(read_state_dict(out / f"f_{half}.safetensors"), out / f"f_{half}.pth")
+    assert tiny.try_load(out).config() == ours.config()
+    torch.save(read_state_dict(out / "f_encoder.safetensors"), out / "other_encoder.pth")
+    with pytest.raises(CheckpointError, match="holds 3 tiny-autoencoder halves.*as a list"):
+        tiny.try_load(out)

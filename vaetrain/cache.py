@@ -98,7 +98,7 @@ def cache_latents(teacher: Autoencoder, data: ImageDataModule, output: str, teac
     # one pass, fixed order; every rank takes its own units (shards or files)
     ds = data.make_dataset(rank=rank, world_size=world_size, shuffle=False, epoch_length=None,
                            drop_last=False, resampled=False)
-    loader = data._loader(ds, data.num_workers, False, batch_size=None)
+    loader = data.make_loader(ds, data.num_workers, False, batch_size=None)
     out = Path(output)
     writer = ShardWriter(out, f"cache-r{rank:03d}", max_samples=samples_per_shard, max_bytes=1 << 40)
     from safetensors.torch import save as st_save

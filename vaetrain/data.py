@@ -46,7 +46,7 @@ CACHE_FORMAT = "vaetrain-latent-cache"
 CACHE_PREPROCESS_KEYS = ("image_size", "crop", "flip")
 
 _YIELDED = len(REASONS)      # column: samples delivered
-_ITERS = len(REASONS) + 1    # column: how many times this worker started an epoch
+_LAST_EPOCH = len(REASONS) + 1  # column: the epoch this worker streamed last (-1: none yet)
 _ZERO_BLOCK = bytes(512)
 
 
@@ -353,9 +353,20 @@ class SkipCounter:
     """Per-worker skip/yield counts in shared memory: workers write their row, the trainer reads."""
 
     def __init__(self, num_workers: int):
-        # (workers, reasons + yielded + epochs-started)
+        # (workers, reasons + yielded + last epoch)
         self.table = torch.zeros(max(1, num_workers), len(REASONS) + 2, dtype=torch.int64).share_memory_()
-        self.epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()
+        self.table[:, _LAST_EPOCH] = -1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make ``epoch`` the next epoch every worker streams; later ones count up from it.
+
+        Each worker takes (its last epoch + 1) when it starts a pass, so calling this before each
+        epoch (Lightning's module does), or never, or once on resume, all give the same order.
+        """
+        self.table[:, _LAST_EPOCH] = epoch - 1
+
+    def next_epoch(self) -> int:
+        return int(self.table[:, _LAST_EPOCH].max()) + 1
 
     def totals(self) -> dict[str, int]:
         t = self.table.sum(0).tolist()
@@ -382,11 +393,18 @@ class StreamingImages(IterableDataset):
             raise ValueError(f"{source} source: no images/shards found")
         if resampled and not epoch_length:
             raise ValueError("resampled=true needs epoch_length (samples per rank per epoch)")
-        self.__dict__.update({k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self.source, self.units, self.counter = source, units, counter
+        self.image_size, self.batch_size, self.output = image_size, batch_size, output
+        self.crop, self.flip, self.min_size = crop, flip, min_size
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.resampled, self.epoch_length, self.drop_last = resampled, epoch_length, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.max_skip_rate, self.min_samples_for_skip_rate = max_skip_rate, min_samples_for_skip_rate
+        self.synthetic_size, self.expect_cache_meta = synthetic_size, expect_cache_meta
 
     def set_epoch(self, epoch: int) -> None:
-        """Pin the epoch (e.g. on resume); otherwise each worker counts the epochs it has started."""
-        self.counter.epoch[0] = epoch
+        """The next epoch's number (e.g. on resume); otherwise each worker counts the epochs it starts."""
+        self.counter.set_epoch(epoch)
 
     def _worker(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -478,6 +496,8 @@ class StreamingImages(IterableDataset):
                 raise SkipSample("bad_cache_record", str(e)) from None
             return rec
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        if data is None:  # compound extensions some writers use, e.g. KEY.image.jpg
+            data = next((v for k, v in sample.items() if k.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
         if data is None:
             raise SkipSample("no_image", sample["__key__"])
         # DCT downscale only to 2x the target: 1x aliases visibly (bad for training a VAE), 2x is near-exact
@@ -505,9 +525,8 @@ class StreamingImages(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = self._worker()
         row = self.counter.table[worker]
-        row[_ITERS] += 1
-        pinned = int(self.counter.epoch[0])
-        epoch = pinned if pinned >= 0 else int(row[_ITERS]) - 1
+        epoch = int(row[_LAST_EPOCH]) + 1
+        row[_LAST_EPOCH] = epoch
         rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{worker}")
         quota = self.batches_per_worker(worker, num_workers)
         count = self._count(worker)
@@ -678,7 +697,7 @@ class ImageDataModule(pl.LightningDataModule):
     def rank_and_world(self) -> tuple[int, int]:
         if self._rank is not None:
             return self._rank, self._world_size or 1
-        trainer = getattr(self, "_trainer", None)
+        trainer = getattr(self, "trainer", None)
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -715,7 +734,8 @@ class ImageDataModule(pl.LightningDataModule):
             min_samples_for_skip_rate=self.min_samples_for_skip_rate,
             synthetic_size=(self.image_size * 3 // 2, self.image_size * 5 // 4), expect_cache_meta=expect)
 
-    def _loader(self, dataset: Dataset, num_workers: int, persistent: bool, **kw) -> DataLoader:
+    def make_loader(self, dataset: Dataset, num_workers: int, persistent: bool, **kw) -> DataLoader:
+        """A DataLoader with this module's memory/worker settings (batching happens in ``dataset``)."""
         extra = {}
         if num_workers > 0:
             extra = {"persistent_workers": persistent, "prefetch_factor": self.prefetch_factor}
@@ -725,15 +745,16 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self._train = self.make_dataset()
         # the dataset batches inside the workers: no per-sample collate in the main process
-        return self._loader(self._train, self.num_workers, self.persistent_workers, batch_size=None)
+        return self.make_loader(self._train, self.num_workers, self.persistent_workers, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         files = list_images(self.val_folder) if self.val_folder else None
         ds = _ValImages(files, self.val_count, self.val_image_size, self.seed)
-        return self._loader(ds, min(self.num_workers, 2), False, batch_size=self.val_batch_size, shuffle=False)
+        return self.make_loader(ds, min(self.num_workers, 2), False, batch_size=self.val_batch_size, shuffle=False)
 
     def set_epoch(self, epoch: int) -> None:
-        self.counter.epoch[0] = epoch
+        """The next training epoch's number: its shard order, shuffle and crops derive from (seed, epoch)."""
+        self.counter.set_epoch(epoch)
 
     # --- faults ---------------------------------------------------------------------------
     def skip_stats(self) -> dict[str, int]:
@@ -750,4 +771,9 @@ class ImageDataModule(pl.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skip_stats": self.skip_stats()}
+        """Saved in Lightning checkpoints: a resumed run continues with the next epoch's data order."""
+        return {"next_epoch": self.counter.next_epoch(), "skip_stats": self.skip_stats()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "next_epoch" in state:
+            self.counter.set_epoch(int(state["next_epoch"]))

@@ -416,11 +416,30 @@ def _audit_table(r: dict, top: int) -> str:
 
 # --- latent-stats --------------------------------------------------------------------------------
 
+def _stat_batches(data, size, crop, multiple, limit, batch_size) -> Iterator[Tensor]:
+    """Image batches from a folder, or from any iterable of batches (a DataLoader of the training data
+    module: dicts with "image", uint8 or [-1, 1] float); ``limit`` counts images."""
+    if isinstance(data, (str, os.PathLike)):
+        for _, batch in _batches(read_images(data, size, crop, multiple, limit), batch_size):
+            yield batch
+        return
+    seen = 0
+    for batch in data:
+        img = batch["image"] if isinstance(batch, dict) else batch
+        if limit is not None:
+            img = img[: limit - seen]
+        seen += img.shape[0]
+        yield img
+        if limit is not None and seen >= limit:
+            return
+
+
 @torch.inference_mode()
 def latent_stats(model, folder, size: int | None = 256, crop: str = "center", batch_size: int = 4,
                  limit: int | None = None, sample: bool = False, device: str = "cpu", out: str | None = None,
                  quiet: bool = False) -> dict:
-    """Per-channel and global mean/std of ``model``'s RAW latents over the images of ``folder``.
+    """Per-channel and global mean/std of ``model``'s RAW latents over the images of ``folder``
+    (an image folder, or an iterable of batches such as the training data module's loader).
 
     Suggests, for this data: ``shift_factor = mean`` and ``scaling_factor = 1/std`` (SD3/FLUX
     convention: diffusion latents zero-mean, unit-variance) and the scale-only SD convention
@@ -434,8 +453,9 @@ def latent_stats(model, folder, size: int | None = 256, crop: str = "center", ba
     f = int(getattr(model, "downsample_factor", 8))
     n = s1 = s2 = None
     images = 0
-    for _, batch in _batches(read_images(folder, size, crop, f, limit), batch_size):
-        z = model.encode_raw(uint8_to_model(batch.to(dev)), sample=sample).double()  # (B, C, h, w) raw
+    for batch in _stat_batches(folder, size, crop, f, limit, batch_size):
+        x = uint8_to_model(batch.to(dev)) if batch.dtype == torch.uint8 else batch.to(dev).float()
+        z = model.encode_raw(x, sample=sample).double()  # (B, C, h, w) raw
         zc = z.transpose(0, 1).reshape(z.shape[1], -1)  # (C, B*h*w)
         if s1 is None:
             n, s1, s2 = 0, torch.zeros(z.shape[1], dtype=torch.float64, device=dev), torch.zeros(
@@ -445,7 +465,7 @@ def latent_stats(model, folder, size: int | None = 256, crop: str = "center", ba
         s2 += zc.pow(2).sum(1)
         images += z.shape[0]
     if s1 is None:
-        raise ValueError(f"no images found under {folder}")
+        raise ValueError(f"no images found in {folder}")
     mean_c = s1 / n
     std_c = (s2 / n - mean_c**2).clamp_min(0).sqrt()
     mean = float(s1.sum() / (n * len(s1)))
@@ -453,7 +473,7 @@ def latent_stats(model, folder, size: int | None = 256, crop: str = "center", ba
     std = math.sqrt(max(second - mean**2, 0.0))
     cur_scale, cur_shift = float(model.scaling_factor), float(model.shift_factor)
     result = {
-        "folder": str(folder),
+        "folder": str(folder) if isinstance(folder, (str, os.PathLike)) else type(folder).__name__,
         "images": images,
         "latent_channels": len(s1),
         "sample": sample,

@@ -76,6 +76,7 @@ class EMA(nn.Module):
         self.module = copy.deepcopy(model).requires_grad_(False).eval()
         self.decay = decay
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.train(False)
 
     def train(self, mode: bool = True) -> "EMA":
         return super().train(False)

@@ -260,10 +260,20 @@ def _load_folder(folder: Path, preset) -> Autoencoder | None:
         if config.get("_class_name") == "AutoencoderTiny":
             return _load_diffusers_folder(folder, config, preset)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    by_stem: dict[str, Path] = {}
+    for p in sorted(files, key=lambda p: p.suffix != ".safetensors"):  # same weights as .pth and .safetensors
+        by_stem.setdefault(p.stem, p)
+    files = sorted(by_stem.values())
     halves = [p for p in files if "encoder" in p.name.lower() or "decoder" in p.name.lower()]
     if len(files) == 1:
         halves = files
-    if not halves or len(halves) > 2:
+    if len(halves) > 2:
+        ours = [p for p in halves if classify(read_state_dict(p))]
+        if ours:
+            raise CheckpointError(f"{folder}: holds {len(ours)} tiny-autoencoder halves ({', '.join(p.name for p in ours[:4])}"
+                                  f"{'...' if len(ours) > 4 else ''}); pass the [encoder, decoder] files as a list")
+        return None
+    if not halves:
         return None
     return _load_files(halves, preset)
 
