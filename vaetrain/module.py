@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vaetrain.convention import to_diffusion, uint8_to_model
@@ -299,31 +300,13 @@ class VAETrainModule(L.LightningModule):
                 state_dict[k] = v
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _datamodule(self):
-        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-
-    def on_train_epoch_start(self) -> None:
-        # the data order is a function of (seed, epoch): pin the epoch so that a resumed run sees the
-        # batches an uninterrupted one would
-        dm = self._datamodule()
-        if hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch)
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # plain lists/tensors only, so ``torch.load(weights_only=True)`` can read the checkpoint
         np_state = np.random.get_state()
-        # the epoch the data stream resumes in: the next one when this save ends an epoch (loaders are
-        # restarted per epoch; a save mid-epoch cannot be resumed sample-exactly)
-        data_epoch = self.current_epoch
-        if self._trainer is not None:
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if done >= self.trainer.num_training_batches:
-                data_epoch += 1
         checkpoint["vaetrain"] = {
             "config": self.config,
             "mode": self.mode,
             "nonfinite_total": self.nonfinite_total,
-            "data_epoch": data_epoch,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
@@ -334,10 +317,6 @@ class VAETrainModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("vaetrain") or {}
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        dm = self._datamodule()
-        if hasattr(dm, "set_epoch") and "data_epoch" in state:
-            # before the loader's first iterator (and its workers) exist
-            dm.set_epoch(int(state["data_epoch"]))
         rng = state.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -410,10 +389,18 @@ class VAETrainModule(L.LightningModule):
             if t is not None and self.target == "teacher":
                 z_target = teacher_latents("latent", t)
                 target = self._teacher_decode(t, z_target)
+                # the student's latents (posterior mean) beside the teacher's: a latent term keeps the latent space
+                # of finetunes that also train the encoder (fp16-fix, midblock-attention removal)
+                z_pred = to_diffusion(mean if mean is not None else z_raw, model.scaling_factor, model.shift_factor)
         elif self.mode == "decoder":
             z_target = cond = teacher_latents("latent", t)
             recon = model.decode(z_target)
             target = self._teacher_decode(t, z_target) if getattr(t, "has_decoder", True) and self.target == "teacher" else real
+            if recon.shape[-2:] != target.shape[-2:]:
+                # a student that decodes below full resolution (Birch-san's MLP: one pixel per latent) learns the
+                # images area-averaged to its own size
+                target = F.interpolate(target, size=recon.shape[-2:], mode="area")  # (B, 3, h, w)
+                real = F.interpolate(real, size=recon.shape[-2:], mode="area") if real is not None else None
         elif self.mode == "encoder":
             z_target = teacher_latents("latent", t)
             post = model.posterior(real) if hasattr(model, "posterior") else None

@@ -9,6 +9,7 @@ Dispatch: ``kl.try_load`` then ``tiny.try_load``; each returns None for "not my 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 import re
 import warnings
 from pathlib import Path
@@ -56,7 +57,7 @@ def hub_download(repo_id: str, subfolder: str | None = None, allow_patterns: lis
 
 def resolve(source, preset: Preset | None = None, subfolder: str | None = None) -> Path | list[Path]:
     """Local path(s) for ``source``: as is when local, else downloaded (hub id or the preset's repo)."""
-    if isinstance(source, (list, tuple)):
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):  # list, tuple, ListConfig
         paths = [Path(os.path.expanduser(str(s))) for s in source]
         for p in paths:
             if not p.exists():
