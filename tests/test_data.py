@@ -41,7 +41,8 @@ def photo_shards(photo_dir, tmp_path_factory) -> Path:
 
 
 def dm(shards, **kw) -> ImageDataModule:
-    args = dict(source="webdataset", shards=shards if isinstance(shards, list) else str(shards), image_size=32, batch_size=4, num_workers=0,
+    args = dict(source="webdataset", shards=shards if isinstance(shards, list) else str(shards),
+                image_size=32, batch_size=4, num_workers=0,
                 shuffle_buffer=16, seed=3)
     args.update(kw)
     return ImageDataModule(**args)
@@ -88,9 +89,9 @@ def test_determinism_per_seed_and_epoch(photo_shards):
 
 
 def test_two_ranks_two_workers_disjoint_equal(photo_shards):
-    # one pass: each of the 2x2 (rank, worker) slots reads one of the 4 shards
-    per_rank = [keys_of(collect(dm(photo_shards, rank=r, world_size=2, num_workers=2).train_dataloader()))
-                for r in range(2)]
+    # epoch_length 16 = one pass: each of the 2x2 (rank, worker) slots reads one of the 4 shards once
+    per_rank = [keys_of(collect(dm(photo_shards, rank=r, world_size=2, num_workers=2,
+                                   epoch_length=16).train_dataloader())) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == N_PHOTOS // 2
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == [f"{i:08d}" for i in range(N_PHOTOS)]
@@ -109,6 +110,8 @@ def test_resampled_uneven_shards_equal_batches(photo_dir, tmp_path):
     assert lens == [5, 5]
     with pytest.raises(ValueError, match="epoch_length"):
         dm(tmp_path, resampled=True).train_dataloader()
+    with pytest.raises(ValueError, match="same number of batches"):  # multi-process training on shards
+        dm(tmp_path, rank=0, world_size=2).train_dataloader()
 
 
 def test_folder_source_and_odd_names(photo_dir):

@@ -96,7 +96,7 @@ def run(command: str, argv: list[str]):
     want_help = "--help" in argv or "-h" in argv
     argv = [a for a in argv if a not in ("--help", "-h")]
     try:
-        cfg = compose(config_name, argv if want_help and not positional else _split(argv, positional))
+        cfg = compose(config_name, [a for a in argv if "=" in a] if want_help else _split(argv, positional))
         if want_help:
             print(OmegaConf.to_yaml(cfg))
             return None

@@ -743,7 +743,15 @@ class ImageDataModule(pl.LightningDataModule):
                           **extra, **kw)
 
     def train_dataloader(self) -> DataLoader:
-        self._train = self.make_dataset()
+        epoch_length = self.epoch_length
+        rank, world = self.rank_and_world()
+        if world > 1 and not epoch_length:
+            # one pass per rank gives ranks different batch counts with uneven shards: DDP would hang
+            if self.source not in ("synthetic", "folder"):
+                raise ValueError(f"data.epoch_length (samples per rank per epoch) must be set for {world}-process "
+                                 f"training on shards: every rank has to yield the same number of batches")
+            epoch_length = len(self.units()) // world
+        self._train = self.make_dataset(epoch_length=epoch_length)
         # the dataset batches inside the workers: no per-sample collate in the main process
         return self.make_loader(self._train, self.num_workers, self.persistent_workers, batch_size=None)
 
