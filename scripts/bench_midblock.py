@@ -15,7 +15,7 @@ Default (sizes 512 1024) runs in about 2-3 minutes on 2 busy CPU cores; add 2048
 ``--sizes 512 1024 2048`` (the 65,536-token attention alone is ~4.4 TMAC: many minutes on a CPU).
 The numbers are measured on this machine: quote ratios, not absolute times.
 
-    python scripts/bench_midblock.py [--sizes 512 1024] [--reps 2] [--threads 2] [--full-decoder]
+    python scripts/bench_midblock.py [--sizes 512 1024] [--reps 1] [--threads 2] [--full-decoder]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _measure(px: int, attention: bool, reps: int, part: str, threads: int) -> di
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full-decoder", action="store_true", help="also time the whole decoder at 512 px")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)

@@ -201,5 +201,46 @@ def test_logged_total_is_the_optimised_total(tmp_path):
                   + float(r["train/adv_weight"]) * float(r["train/adv_g"]))
         assert float(r["train/total"]) == pytest.approx(expect, rel=1e-5, abs=1e-6)
         for k in ("train/grad_norm", "train/d_grad_norm", "train/d_logits_real", "train/d_logits_fake",
-                  "train/psnr_target", "train/psnr_real", "train/lr", "data/skipped_samples"):
+                  "train/psnr_target", "train/psnr_real", "train/lr", "data/samples"):
             assert r.get(k, "") != "", k
+
+
+# ---------------------------------------------------------------- teacher dtype, hooks, accumulation
+
+def test_bf16_teacher_gives_float_targets():
+    teacher = tiny_kl()
+    m = VAETrainModule(tiny_kl(), teacher=teacher, losses={"mse": MSE()}, teacher_dtype="bfloat16", ema_decay=None)
+    m._move_teachers()
+    assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
+    inp = m.forward_batch({"image": torch.rand(2, 3, 32, 32) * 2 - 1})
+    assert inp.target.dtype == torch.float32 and inp.z_target.dtype == torch.float32
+    assert inp.recon.dtype == torch.float32 and inp.mean is not None and inp.logvar is not None
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        VAETrainModule(tiny_kl(), teacher=teacher, losses={"mse": MSE()}, teacher_dtype="half-ish")
+
+
+def test_activation_penalty_hooks_the_student_not_its_ema():
+    from vaetrain.losses import ActivationPenalty
+
+    student = tiny_kl()
+    m = VAETrainModule(student, losses={"mse": MSE(), "act": ActivationPenalty(patterns=["decoder.conv_out"])},
+                       ema_decay=0.9)
+    assert student.decoder.conv_out._forward_hooks
+    assert not m.ema.module.decoder.conv_out._forward_hooks
+
+
+def test_gradient_accumulation_matches_the_big_batch(tmp_path):
+    """accumulate=2 over batches of 2 == one step on the batch of 4 (same samples, no posterior noise)."""
+    results = []
+    for batch_size, accumulate in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        student = tiny_kl()
+        m = VAETrainModule(student, losses={"mse": MSE(target="real")}, ema_decay=None, accumulate=accumulate,
+                           sample_posterior=False, grad_clip=None,
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.5))
+        trainer = fit(m, steps=1, data=tiny_data(n_batches=4 // batch_size, batch_size=batch_size),
+                      tmp_path=tmp_path)
+        assert trainer.global_step == 1
+        results.append({k: v.clone() for k, v in student.state_dict().items()})
+    a, b = results
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -537,7 +537,8 @@ class VAETrainModule(L.LightningModule):
                 logs["train/psnr_real"] = psnr(inp.recon, inp.real).mean()
         skip_stats = getattr(getattr(self.trainer, "datamodule", None), "skip_stats", None)
         if callable(skip_stats):
-            logs.update({f"data/skipped_{k}": float(v) for k, v in (skip_stats() or {}).items()})
+            logs.update({f"data/{k}" if k == "samples" else f"data/skipped_{k}": float(v)
+                         for k, v in (skip_stats() or {}).items()})
         self.log_dict({k: v for k, v in logs.items() if k != "train/total"}, on_step=True, on_epoch=False,
                       batch_size=_batch_size(batch))
         self.log("train/total", total.detach(), on_step=True, on_epoch=False, prog_bar=True,

@@ -2,6 +2,24 @@
 
 Called by the CLI with instantiated objects (teacher, student, loss terms, discriminator, data module,
 optimizer factories) and plain dicts (trainer kwargs, module options); usable from Python as is.
+
+Launching beyond one process (Lightning picks the cluster environment up from the variables the
+launcher sets; always give a fixed ``run_dir`` so that every rank and every restart agree on it):
+
+- one machine, all GPUs: ``vaetrain train trainer=gpu run_dir=runs/x`` (Lightning starts the local ranks
+  by re-running the command; rank 0 hands them its run folder through ``$VAETRAIN_RUN_DIR``);
+- torchrun, N nodes: ``torchrun --nnodes N --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500
+  -m vaetrain.cli train trainer=gpu trainer.num_nodes=N trainer.devices=8 run_dir=/shared/runs/x resume=auto``;
+- SLURM: ``#SBATCH --nodes N --ntasks-per-node 8 --gpus-per-node 8 --signal=USR1@120 --requeue`` and
+  ``srun vaetrain train trainer=gpu trainer.num_nodes=N trainer.devices=8 run_dir=/shared/runs/x resume=auto``.
+  On SIGUSR1/SIGTERM every rank finishes its step, ``last.ckpt`` is written, the job is requeued
+  (``scontrol requeue``) and the restarted job continues with ``resume=auto``.
+
+Resume is exact (same weights as an uninterrupted run on CPU) from checkpoints written at epoch ends
+(``last.ckpt`` after a run, or cadences that divide the epoch): weights, EMA, discriminator, both
+optimizers and schedules, the step, the RNG states and the data module's epoch are all restored, and
+the posterior noise is a function of (seed, step, rank). A checkpoint from mid-epoch resumes with the
+next epoch's data order.
 """
 
 from __future__ import annotations
