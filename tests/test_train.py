@@ -66,6 +66,9 @@ def test_each_mode_trains_checkpoints_and_exports(mode, tmp_path):
     elif mode == "decoder":
         teacher, student = kl(f=8, seed=1), TAESD(latent_channels=4, width=8, encoder=False, decoder=True)
         losses, export = {"mse": MSE(target="teacher")}, ["taesd"]
+        # TAESD-style: the discriminator also sees the latent the student decoded
+        adversarial = Adversarial(NLayerDiscriminator(cond_channels=4, ndf=8, n_layers=2, norm="none"),
+                                  conditional=True, start_step=0)
     elif mode == "encoder":
         teacher, student = kl(f=8, seed=1), TAESD(latent_channels=4, width=8, encoder=True, decoder=False)
         losses, export = {"latent": LatentMSE()}, ["taesd"]
@@ -173,6 +176,14 @@ def test_sigterm_writes_a_checkpoint_then_resume_finishes(tmp_path):
     r2 = train(kl(f=2), data(n_batches=4), callbacks={"ckpt": functools.partial(Checkpoint, every_n_steps=100)},
                resume="auto", **kw)
     assert r2["steps"] == 4 and not r2["preempted"] and Path(r2["exports"]["original"]).exists()
+
+
+def test_configuration_errors_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="mode=decoder distils a teacher"):
+        train(kl(f=2), data(), loss={"mse": MSE()}, mode="decoder", trainer=TRAINER, run_dir=str(tmp_path / "m"))
+    with pytest.raises(SystemExit, match="unexpected keyword"):
+        train(kl(f=2), data(), loss={"mse": MSE()}, module={"emma_decay": 0.9}, trainer=TRAINER,
+              run_dir=str(tmp_path / "m"))
 
 
 def test_resume_errors_are_one_line(tmp_path):

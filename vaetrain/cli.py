@@ -48,8 +48,9 @@ def _usage() -> str:
 
 
 def _split(argv: list[str], positional: list[str]) -> list[str]:
-    pos = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
+    # Hydra's delete syntax (~key) carries no "="
+    pos = [a for a in argv if "=" not in a and not a.startswith("~")]
+    overrides = [a for a in argv if "=" in a or a.startswith("~")]
     if not positional:
         if pos:
             raise SystemExit(f"vaetrain: unexpected argument {pos[0]!r}; options are key=value")

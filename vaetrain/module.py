@@ -210,7 +210,7 @@ class VAETrainModule(L.LightningModule):
             if t is not None:
                 self._frozen[name] = t.requires_grad_(False).eval()
 
-        pats = frozen if frozen is not None else None
+        pats = frozen
         if trainable is None and frozen is None and mode in _UNUSED_BY_MODE:
             names = [n for n, _ in student.named_parameters()]
             pats = [p for p in _UNUSED_BY_MODE[mode] if any(fnmatch.fnmatchcase(n, p) for n in names)]

@@ -168,8 +168,12 @@ def train(
         losses = {getattr(t, "name", type(t).__name__.lower()): t for t in losses}
     if isinstance(losses, Mapping) and "_target_" in losses:
         raise SystemExit("vaetrain train: `loss` must be a dict name -> term (e.g. loss: {mse: {...}})")
-    pl_module = VAETrainModule(student, teacher=teacher, teacher_b=teacher_b, losses=losses, adversarial=adversarial,
-                               mode=mode, optimizer=optimizer, d_optimizer=d_optimizer, seed=seed, **opts)
+    try:
+        pl_module = VAETrainModule(student, teacher=teacher, teacher_b=teacher_b, losses=losses,
+                                   adversarial=adversarial, mode=mode, optimizer=optimizer, d_optimizer=d_optimizer,
+                                   seed=seed, **opts)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"vaetrain train: {' '.join(str(e).split())}") from None
     pl_module.config = config
     if hasattr(datamodule, "expect_teacher") and getattr(datamodule, "source", None) == "cached" and teacher is not None:
         datamodule.expect_teacher(teacher, teacher_b)

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The real CPU runs behind results/RESULTS.md: exact commands, in order. Each stage writes its run folder under
+# runs/recipes/ (checkpoints, logs, exports: not committed) and its small outputs (summaries, per-image CSVs, grids)
+# under results/. Run everything, or name stages:
+#   scripts/run_recipes.sh                       # all stages, sequentially
+#   scripts/run_recipes.sh taesd mlp             # some of them
+# Stages: cache taesd taesd_eval mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval bench collect. Later stages use earlier outputs (mlp needs cache; noattn
+# and fp16 need vae16). Sized for 2 CPU cores shared with other jobs; under such sharing torch runs FASTER with one
+# thread per process (two threads spin-wait on a busy machine), hence OMP_NUM_THREADS=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+A=${VAETRAIN_ASSETS:-$(cd "$ROOT/.." && pwd)/shared/assets}
+R=runs/recipes
+OUT=results
+export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+mkdir -p "$R" "$OUT"
+
+# time a command, keep its full log, and record its wall time in results/timings.tsv
+t() {
+  local name=$1; shift
+  echo "+ $*" | tee "$R/$name.log"
+  local t0=$SECONDS
+  "$@" >>"$R/$name.log" 2>&1
+  printf '%s\t%s\t%s\n' "$name" "$((SECONDS - t0))" "$*" >>"$OUT/timings.tsv"
+  tail -n 12 "$R/$name.log"
+}
+
+eval_on() {  # eval_on NAME MODEL_SOURCE SET [extra overrides...]: student (and teacher) on one eval set at 256 px
+  local name=$1 model=$2 set=$3; shift 3
+  t "eval_${name}_${set}" vaetrain eval "model.source=$model" "folder=$A/images/eval/$set" size=256 batch_size=4 \
+    grid=4 grid_tile=128 "out=$OUT/$name/$set" "$@"
+}
+
+stage_cache() {  # the TAEF2 latents of images/train at 128 px, once (recipe 2 trains from them)
+  t cache_taef2_128 vaetrain cache-latents teacher=taef2 output=$R/cache_taef2_128 data.image_size=128 \
+    data.num_workers=0 device=cpu
+}
+
+stage_taesd() {  # recipe 1 real run: TAEF2 -> fresh TAESD flux_2 decoder
+  t taesd_taef2 vaetrain train experiment=taesd_taef2 run_dir=$R/taesd_taef2
+}
+stage_taesd_eval() {
+  for set in kodak24 bsds500_val; do eval_on taesd_taef2 "$R/taesd_taef2/export/original" $set teacher=taef2; done
+}
+
+stage_mlp() {  # recipe 2 real run: TAEF2 -> Birch-san MLP (+ learned 8x upsampler), from the latent cache
+  t mlp_taef2 vaetrain train experiment=mlp_decoder_taef2 data.shards=$R/cache_taef2_128 run_dir=$R/mlp_taef2
+}
+stage_mlp_eval() {
+  for set in kodak24 bsds500_val; do eval_on mlp_taef2 "$R/mlp_taef2/export/original" $set teacher=taef2; done
+}
+
+stage_vae16() {  # recipe 6 real run: 16-channel KL autoencoder with attention from scratch, then its latent statistics
+  t vae16 vaetrain train experiment=vae16_cpu run_dir=$R/vae16
+}
+stage_vae16_eval() {
+  eval_on vae16 "$R/vae16/export/original.safetensors" kodak24
+  t latent_stats vaetrain latent-stats "model.source=$R/vae16/export/original.safetensors" \
+    "folder=$A/images/train" size=64 limit=512 "out=$OUT/vae16/latent_stats.json"
+}
+
+stage_noattn() {  # recipe 5 real run: vae16 without its midblock attention, before and after finetuning
+  t noattn_convert vaetrain convert "$R/vae16/export/original.safetensors" "$R/vae16_no_attn_untrained" \
+    format=original allow_drop_attention=true
+  t noattn vaetrain train experiment=no_midblock_attn_cpu run_dir=$R/no_attn
+}
+stage_noattn_eval() {
+  local teacher=(teacher=local "teacher.source=$R/vae16/export/original.safetensors")
+  eval_on no_attn_before "$R/vae16_no_attn_untrained.safetensors" kodak24 "${teacher[@]}"
+  eval_on no_attn_after "$R/no_attn/export/original.safetensors" kodak24 "${teacher[@]}"
+}
+
+stage_fp16() {  # recipe 4 real run: a teacher that really overflows in fp16, fixed
+  t overflow_teacher python scripts/make_overflow_teacher.py --source "$R/vae16/export/original.safetensors" \
+    --out $R/overflow_teacher --size 64
+  t audit_before vaetrain audit-fp16 $R/overflow_teacher.safetensors "images=$A/images/eval/kodak24" size=256 \
+    limit=4 top=8 "out=$OUT/fp16_fix/audit_before.json"
+  t fp16_fix vaetrain train experiment=fp16_fix_cpu run_dir=$R/fp16_fix
+}
+stage_fp16_eval() {
+  t audit_after vaetrain audit-fp16 $R/fp16_fix/export/original.safetensors "images=$A/images/eval/kodak24" size=256 \
+    limit=4 top=8 "out=$OUT/fp16_fix/audit_after.json"
+  t fp16_vs_teacher python scripts/fp16_vs_teacher.py --teacher $R/overflow_teacher.safetensors \
+    --models $R/fp16_fix/export/original.safetensors --images "$A/images/eval/kodak24" --size 256 --limit 24 \
+    --out $OUT/fp16_fix/fp16_vs_teacher.json
+  eval_on fp16_fix "$R/fp16_fix/export/original.safetensors" kodak24 teacher=local \
+    "teacher.source=$R/overflow_teacher.safetensors"
+}
+
+stage_bench() {  # recipe 5 speed/memory: the trained pair at 512/1024/2048 px, and the real SD widths
+  t bench_no_attn python scripts/bench_no_attn.py --with-attn "$R/vae16/export/original.safetensors" \
+    --without-attn "$R/no_attn/export/original.safetensors" --sizes 512 1024 2048 --out $OUT/no_attn/bench.json
+  t bench_midblock python scripts/bench_midblock.py --sizes 512 1024 --reps 1 --threads 1
+  cp "$R/bench_midblock.log" "$OUT/no_attn/bench_midblock_sd_widths.txt"
+}
+
+stage_collect() {  # results/results.json + results/results.csv from the summaries above
+  python scripts/collect_recipe_results.py --runs $R --results $OUT
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(cache taesd taesd_eval mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval bench collect)
+for s in "${stages[@]}"; do "stage_$s"; done
