@@ -154,22 +154,43 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left behind
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
 class _SigtermAt(L.Callback):
+    """Signals the whole job the way a scheduler does: this process and its loader workers."""
+
     def __init__(self, step):
-        self.step = step
+        self.step, self.workers = step, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            self.workers = _children(os.getpid())
+            for pid in [os.getpid(), *self.workers]:
+                os.kill(pid, signal.SIGTERM)
 
 
 def test_sigterm_writes_a_checkpoint_then_resume_finishes(tmp_path):
     run = tmp_path / "run"
     kw = dict(loss={"mse": MSE(target="real")}, trainer={**TRAINER, "max_steps": 4, "val_check_interval": 100},
               logger={"csv": csv_logger()}, run_dir=str(run), export=["original"])
+    kill = _SigtermAt(1)
     cbs = {"ckpt": functools.partial(Checkpoint, every_n_steps=100), "preempt": functools.partial(Preemption),
-           "kill": _SigtermAt(1)}
-    r = train(kl(f=2), data(n_batches=4), callbacks=cbs, **kw)
+           "kill": kill}
+    dm = data(n_batches=4)
+    dm.num_workers, dm.persistent_workers = 1, True  # a loader worker must survive the signal too
+    r = train(kl(f=2), dm, callbacks=cbs, **kw)
+    assert kill.workers, "no loader worker was signalled"
     assert r["preempted"] and r["steps"] == 2 and not r["exports"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
@@ -190,6 +211,12 @@ def test_resume_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint there"):
         train(kl(f=2), data(), loss={"mse": MSE()}, trainer=TRAINER, run_dir=str(tmp_path / "r"),
               resume=str(tmp_path / "missing.ckpt"), export=None)
+    kw = dict(loss={"mse": MSE()}, trainer={**TRAINER, "max_steps": 1, "limit_val_batches": 0},
+              callbacks={"ckpt": functools.partial(Checkpoint, every_n_steps=100)}, run_dir=str(tmp_path / "r"),
+              export=None)
+    train(kl(f=2), data(), **kw)
+    with pytest.raises(SystemExit, match="does not match the configured student"):
+        train(kl(f=8), data(), resume="auto", **kw)
 
 
 def test_cli_default_job_shrunk_with_wandb_offline(assets, tmp_path, monkeypatch):
@@ -214,6 +241,8 @@ def test_cli_default_job_shrunk_with_wandb_offline(assets, tmp_path, monkeypatch
     assert any(row.get("val/psnr_gt") for row in rows) and any(row.get("val/lpips_gt") for row in rows)
     assert any(row.get("train/d_loss") for row in rows)  # the discriminator started at step 1
     runs = list((out / "wandb").glob("offline-run-*"))
-    assert runs and list(runs[0].glob("*.wandb")) and (runs[0].stat().st_size >= 0)
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert list(runs[0].rglob("media/images/val/grid_*.png")), "the image grid did not reach wandb"
+    assert any(row.get("train/images_per_s") for row in rows) and any(row.get("data/samples") for row in rows)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["vaetrain"]["config"]["trainer"]["max_steps"] == 3

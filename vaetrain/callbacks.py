@@ -97,6 +97,41 @@ class Preemption(L.Callback):
         self._previous = {}
 
 
+class _IgnorePreemptionSignals:
+    """``worker_init_fn`` for DataLoader workers: ignore SIGTERM/SIGUSR1 (then run the loader's own init).
+
+    Schedulers signal every process of a job, and torch's workers die on SIGTERM (and by default on
+    SIGUSR1), which kills the main process's next fetch before it can write its checkpoint. Workers still
+    exit with the main process (sentinel or torch's parent watchdog).
+    """
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        for name in ("SIGTERM", "SIGUSR1"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def shield_loader_workers(datamodule) -> None:
+    """Make the workers of ``datamodule``'s training loader survive pre-emption signals (see above)."""
+    make = getattr(datamodule, "train_dataloader", None)
+    if make is None or getattr(make, "_vaetrain_shielded", False):
+        return
+
+    def train_dataloader():
+        loader = make()
+        if getattr(loader, "num_workers", 0) > 0 and not isinstance(loader.worker_init_fn, _IgnorePreemptionSignals):
+            loader.worker_init_fn = _IgnorePreemptionSignals(loader.worker_init_fn)
+        return loader
+
+    train_dataloader._vaetrain_shielded = True
+    datamodule.train_dataloader = train_dataloader
+
+
 class ImageGrid(L.Callback):
     """Saves the validation grid (rows: images; columns: input | teacher | student) as a PNG in
     ``<run_dir>/images`` and logs it to every logger that takes images (wandb)."""

@@ -17,6 +17,15 @@ Modes (what the student learns):
                 target is the teacher's decoding (or the image when the teacher has no decoder).
 ``encoder``     image -> student encoder -> latents, compared with the teacher's latents.
 ``latent``      teacher A latents -> student (an interposer ``forward(z)``) -> teacher B latents.
+
+Steps: ``global_step`` counts generator updates (after ``accumulate`` micro-batches). A non-finite loss
+or gradient norm on any rank skips the update on every rank (the flag is all-reduced; gradients are
+computed and discarded so DDP's reducer stays in step), is counted (``train/nonfinite_skipped``), and
+``max_nonfinite_in_a_row`` of them stop the run with :class:`NonFiniteLossError`.
+
+Validation runs the EMA student and logs PSNR and SSIM (plus LPIPS with the run's own LPIPS term, if
+any) against the photo (``*_gt``) and the teacher's output (``*_teacher``); the first batch's images
+go to ``vaetrain.callbacks.ImageGrid``.
 """
 
 from __future__ import annotations

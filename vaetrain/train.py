@@ -154,7 +154,7 @@ def train(
                 ".*overridden `on_after_batch_transfer`.*"):
         warnings.filterwarnings("ignore", message=msg)
 
-    from vaetrain.callbacks import AtomicCheckpointIO
+    from vaetrain.callbacks import AtomicCheckpointIO, Preemption, shield_loader_workers
 
     run_dir = _resolve_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +168,14 @@ def train(
         losses = {getattr(t, "name", type(t).__name__.lower()): t for t in losses}
     if isinstance(losses, Mapping) and "_target_" in losses:
         raise SystemExit("vaetrain train: `loss` must be a dict name -> term (e.g. loss: {mse: {...}})")
+    # an experiment may set e.g. loss.lpips.weight while the user removed the term (~loss@loss.lpips): what
+    # is left is a plain dict of settings, not a term; the removal wins
+    leftovers = {k: v for k, v in (losses or {}).items() if isinstance(v, Mapping)}
+    if isinstance(adversarial, Mapping):
+        leftovers["discriminator"], adversarial = adversarial, None
+    for name, rest in leftovers.items():
+        print(f"vaetrain train: {name} was removed; ignoring its leftover settings {dict(rest)}", flush=True)
+    losses = {k: v for k, v in (losses or {}).items() if k not in leftovers}
     try:
         pl_module = VAETrainModule(student, teacher=teacher, teacher_b=teacher_b, losses=losses,
                                    adversarial=adversarial, mode=mode, optimizer=optimizer, d_optimizer=d_optimizer,
@@ -180,6 +188,8 @@ def train(
 
     loggers = [lg for lg in (_build(v, run_dir) for v in (logger or {}).values()) if lg is not None]
     cbs = [cb for cb in (_build(v, run_dir) for v in (callbacks or {}).values()) if cb is not None]
+    if any(isinstance(cb, Preemption) for cb in cbs):
+        shield_loader_workers(datamodule)
     trainer_kwargs["strategy"] = _strategy(trainer_kwargs, adversarial)
     trainer_kwargs.setdefault("default_root_dir", str(run_dir))
     trainer_kwargs.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in cbs))
@@ -197,6 +207,12 @@ def train(
         pl_trainer.fit(pl_module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteLossError as e:
         raise SystemExit(f"vaetrain train: {e}") from None
+    except RuntimeError as e:
+        if ckpt_path and "loading state_dict" in str(e):
+            raise SystemExit(f"vaetrain train: resume={ckpt_path} does not match the configured student/discriminator "
+                             f"(resume with the run's own config, {run_dir / 'config.json'}): "
+                             f"{' '.join(str(e).split())[:300]}") from None
+        raise
 
     preempt = next((c for c in cbs if type(c).__name__ == "Preemption"), None)
     preempted = preempt is not None and preempt.saved_to is not None
