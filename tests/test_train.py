@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
@@ -171,13 +172,16 @@ class _SigtermAt(L.Callback):
     """Signals the whole job the way a scheduler does: this process and its loader workers."""
 
     def __init__(self, step):
-        self.step, self.workers = step, []
+        self.step, self.workers, self.survived = step, [], None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             self.workers = _children(os.getpid())
             for pid in [os.getpid(), *self.workers]:
                 os.kill(pid, signal.SIGTERM)
+            time.sleep(0.5)
+            self.survived = all(os.path.exists(f"/proc/{w}/stat") and open(f"/proc/{w}/stat").read().rsplit(")", 1)[1]
+                                .split()[0] not in "ZX" for w in self.workers)
 
 
 def test_sigterm_writes_a_checkpoint_then_resume_finishes(tmp_path):
@@ -191,6 +195,7 @@ def test_sigterm_writes_a_checkpoint_then_resume_finishes(tmp_path):
     dm.num_workers, dm.persistent_workers = 1, True  # a loader worker must survive the signal too
     r = train(kl(f=2), dm, callbacks=cbs, **kw)
     assert kill.workers, "no loader worker was signalled"
+    assert kill.survived, "a loader worker died of the pre-emption signal"
     assert r["preempted"] and r["steps"] == 2 and not r["exports"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
@@ -246,3 +251,12 @@ def test_cli_default_job_shrunk_with_wandb_offline(assets, tmp_path, monkeypatch
     assert any(row.get("train/images_per_s") for row in rows) and any(row.get("data/samples") for row in rows)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["vaetrain"]["config"]["trainer"]["max_steps"] == 3
+
+
+def test_leftover_settings_of_a_removed_term_are_ignored(tmp_path, capsys):
+    # what `vaetrain train ~loss@loss.lpips` leaves when an experiment had set loss.lpips.weight
+    r = train(kl(f=2), data(), loss={"mse": MSE(), "lpips": {"weight": 0.1}}, discriminator={"start_step": 5},
+              trainer={**TRAINER, "max_steps": 1, "limit_val_batches": 0}, run_dir=str(tmp_path / "r"), export=None)
+    assert r["steps"] == 1
+    out = capsys.readouterr().out
+    assert "lpips was removed" in out and "discriminator was removed" in out
