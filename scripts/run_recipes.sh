@@ -26,10 +26,12 @@ t() {
   tail -n 12 "$R/$name.log"
 }
 
+# images per eval set: all 24 of Kodak, the first 50 (sorted) of the 100 BSDS500 val photos (CPU time)
+declare -A LIMIT=([kodak24]=null [bsds500_val]=50)
 eval_on() {  # eval_on NAME MODEL_SOURCE SET [extra overrides...]: student (and teacher) on one eval set at 256 px
   local name=$1 model=$2 set=$3; shift 3
   t "eval_${name}_${set}" vaetrain eval "model.source=$model" "folder=$A/images/eval/$set" size=256 batch_size=4 \
-    grid=4 grid_tile=128 "out=$OUT/$name/$set" "$@"
+    "limit=${LIMIT[$set]}" grid=4 grid_tile=128 "out=$OUT/$name/$set" "$@"
 }
 
 stage_cache() {  # the TAEF2 latents of images/train at 128 px, once (recipe 2 trains from them)
@@ -49,6 +51,9 @@ stage_mlp() {  # recipe 2 real run: TAEF2 -> Birch-san MLP (+ learned 8x upsampl
 }
 stage_mlp_eval() {
   for set in kodak24 bsds500_val; do eval_on mlp_taef2 "$R/mlp_taef2/export/original" $set teacher=taef2; done
+}
+stage_mlp_eval_bsds() {  # the second half of mlp_eval alone
+  eval_on mlp_taef2 "$R/mlp_taef2/export/original" bsds500_val teacher=taef2
 }
 
 stage_vae16() {  # recipe 6 real run: 16-channel KL autoencoder with attention from scratch, then its latent statistics

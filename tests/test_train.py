@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from vaetrain.callbacks import AtomicCheckpointIO, Checkpoint, ImageGrid, Preemption
+from vaetrain.callbacks import AtomicCheckpointIO, Checkpoint, Preemption
 from vaetrain.data import ImageDataModule
 from vaetrain.losses import KL, MSE, Adversarial, LatentMSE
 from vaetrain.models import load_autoencoder

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import nn
 
 from vaetrain.module import NonFiniteLossError, VAETrainModule
