@@ -74,6 +74,18 @@ def _quote(v: str) -> str:
     return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _group_nulls(overrides: list[str]) -> list[str]:
+    """``group=null`` (e.g. ``discriminator=null``) -> Hydra's ``~group``, which removes the group's config."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        group = key.split("@")[0].lstrip("+")
+        if value in ("null", "None") and (conf_dir() / group).is_dir():
+            o = "~" + key.lstrip("+")
+        out.append(o)
+    return out
+
+
 def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -83,7 +95,7 @@ def compose(config_name: str, overrides: list[str]):
         OmegaConf.register_new_resolver("assets", lambda p="": str(Path(assets_dir()) / p))
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=_group_nulls(overrides))
 
 
 def run(command: str, argv: list[str]):
@@ -109,7 +121,7 @@ def run(command: str, argv: list[str]):
         if e.__cause__ is not None and not isinstance(e.__cause__, (HydraException, OmegaConfBaseException)):
             raise e.__cause__ from None
         raise SystemExit(f"vaetrain {command}: config error: {_one_line(e)}") from None
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise SystemExit(f"vaetrain {command}: config error: {_one_line(e)}") from None
     if "config" in inspect.signature(target).parameters:
         kwargs["config"] = resolved
