@@ -60,8 +60,8 @@ def _measure(path: str, px: int, reps: int, threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--with-attn", required=True, help="checkpoint of the model with midblock attention")
-    ap.add_argument("--without-attn", required=True, help="checkpoint of the same model without it")
+    ap.add_argument("--with-attn", help="checkpoint of the model with midblock attention")
+    ap.add_argument("--without-attn", help="checkpoint of the same model without it")
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(int(threads))
         print(json.dumps(worker(path, int(px), int(reps))))
         return {}
+    if not (args.with_attn and args.without_attn):
+        ap.error("give both --with-attn and --without-attn")
 
     rows = []
     print(f"decode of one latent, {args.threads} thread(s), median of {args.reps} after a warm-up")
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {px:>5} {a['seconds']:>9.2f} {n['seconds']:>9.2f} {row['time_ratio']:>7.2f} "
               f"{a['peak_extra_mib']:>10.0f} {n['peak_extra_mib']:>10.0f} {row['mem_ratio']:>6.2f}", flush=True)
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
     return {"rows": rows}
