@@ -468,8 +468,7 @@ class VAETrainModule(L.LightningModule):
         total = rec
         if adv_on:
             g = adv.g_loss(inp)
-            last = self._last_layer()
-            w = adv.g_weight(rec, g, last, step) if last is not None and rec.requires_grad else torch.as_tensor(adv.weight)
+            w = adv.g_weight(rec, g, self._last_layer(), step)  # 0 before start_step; adaptive when it can be
             total = rec + w * g
             values["adv_g"] = g
             logs["train/adv_weight"] = w.detach() if isinstance(w, Tensor) else w
