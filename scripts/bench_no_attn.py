@@ -21,13 +21,7 @@ import time
 
 import torch
 
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+from bench_midblock import _rss_kib  # scripts/ is on sys.path when run as a script
 
 
 def worker(path: str, px: int, reps: int) -> dict:
