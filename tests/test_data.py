@@ -314,7 +314,7 @@ def test_bad_arguments_are_clear():
         ImageDataModule(source="nope")
     with pytest.raises(ValueError, match="needs shards"):
         ImageDataModule(source="webdataset")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageDataModule(source="folder", folder="/nonexistent/x").train_dataloader()
 
 

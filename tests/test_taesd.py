@@ -66,8 +66,15 @@ def test_f32_variant_shapes():
     z = ae.encode(torch.zeros(1, 3, 64, 96))
     assert z.shape == (1, 32, 2, 3)
     assert ae.decode(z).shape == (1, 3, 64, 96)
-    with pytest.raises(ValueError, match="downsample_factor must be 8 or 32"):
+    with pytest.raises(ValueError, match="downsample_factor must be 4, 8 or 32"):
         TAESD(4, downsample_factor=16)
+
+
+def test_f4_variant_is_the_8x_layout_minus_one_stage():
+    f8, f4 = TAESD(4, width=8), TAESD(4, width=8, downsample_factor=4)
+    assert f4.encode(torch.zeros(1, 3, 32, 48)).shape == (1, 4, 8, 12)
+    assert f4.decode(torch.zeros(1, 4, 8, 12)).shape == (1, 3, 32, 48)
+    assert len(f8.encoder) - len(f4.encoder) == 4 and len(f8.decoder) - len(f4.decoder) == 5  # conv + 3 blocks (+ up)
 
 
 def test_half_models():

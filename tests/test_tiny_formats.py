@@ -25,17 +25,20 @@ def _randomize(module):
     return module
 
 
-def _reference(latent_channels):
-    return _randomize(AutoencoderTiny(latent_channels=latent_channels, encoder_block_out_channels=(W,) * 4,
-                                      decoder_block_out_channels=(W,) * 4)).eval()
+def _reference(latent_channels, factor=8):
+    n = factor.bit_length()  # stages: 4 for the published 8x layout, 3 for 4x
+    return _randomize(AutoencoderTiny(latent_channels=latent_channels, encoder_block_out_channels=(W,) * n,
+                                      decoder_block_out_channels=(W,) * n, num_encoder_blocks=(1,) + (3,) * (n - 1),
+                                      num_decoder_blocks=(3,) * (n - 1) + (1,))).eval()
 
 
-@pytest.mark.parametrize("latent_channels", [4, 16])
-def test_diffusers_folder_parity(tmp_path, latent_channels):
-    ref = _reference(latent_channels)
+@pytest.mark.parametrize("latent_channels,factor", [(4, 8), (16, 8), (4, 4)])
+def test_diffusers_folder_parity(tmp_path, latent_channels, factor):
+    ref = _reference(latent_channels, factor)
     ref.save_pretrained(tmp_path / "tiny")
     ae = tiny.try_load(tmp_path / "tiny")
     assert isinstance(ae, TAESD) and ae.latent_channels == latent_channels and ae.width == W and not ae.flux_2
+    assert ae.downsample_factor == factor
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         z_ref = ref.encode(x).latents  # AutoencoderTiny: [-1, 1] in, unscaled (diffusion-space) latents out
@@ -43,12 +46,13 @@ def test_diffusers_folder_parity(tmp_path, latent_channels):
         torch.testing.assert_close(ae.decode(z_ref), ref.decode(z_ref).sample, atol=1e-4, rtol=0)
 
 
-def test_export_to_diffusers_loads_in_diffusers(tmp_path):
-    ours = _randomize(TAESD(16, width=W)).eval()
+@pytest.mark.parametrize("latent_channels,factor", [(16, 8), (4, 4)])
+def test_export_to_diffusers_loads_in_diffusers(tmp_path, latent_channels, factor):
+    ours = _randomize(TAESD(latent_channels, width=W, downsample_factor=factor)).eval()
     out = tiny.save(ours, tmp_path / "exp", "diffusers")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["_class_name"] == "AutoencoderTiny" and cfg["latent_channels"] == 16
-    assert cfg["encoder_block_out_channels"] == [W] * 4 and cfg["upsampling_scaling_factor"] == 2
+    assert cfg["_class_name"] == "AutoencoderTiny" and cfg["latent_channels"] == latent_channels
+    assert cfg["encoder_block_out_channels"] == [W] * factor.bit_length() and cfg["upsampling_scaling_factor"] == 2
     ref = AutoencoderTiny.from_pretrained(out).eval()
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -61,14 +65,14 @@ def test_export_to_diffusers_loads_in_diffusers(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [dict(latent_channels=32, flux_2=True), dict(latent_channels=4),
-                                   dict(latent_channels=32, downsample_factor=32)])
+                                   dict(latent_channels=32, downsample_factor=32), dict(latent_channels=4, downsample_factor=4)])
 def test_taesd_halves_roundtrip(tmp_path, flags):
     ours = _randomize(TAESD(width=8, **flags)).eval()
     out = tiny.save(ours, tmp_path / "mymodel", "taesd")
     enc, dec = out / "mymodel_encoder.safetensors", out / "mymodel_decoder.safetensors"
     assert enc.is_file() and dec.is_file()
     assert "0.weight" in read_state_dict(enc) and "1.weight" in read_state_dict(dec)  # original Sequential keys
-    f = 32 if flags.get("downsample_factor") == 32 else 8
+    f = flags.get("downsample_factor", 8)
     x = torch.rand(1, 3, 2 * f, 2 * f) * 2 - 1
     with torch.no_grad():
         ref = ours.decode(ours.encode(x))
@@ -96,7 +100,7 @@ def test_diffusers_refuses_flux2_and_halves(tmp_path):
         tiny.save(TAESD(32, width=8, flux_2=True), tmp_path / "a", "diffusers")
     with pytest.raises(ValueError, match="both halves"):
         tiny.save(TAESD(4, width=8, encoder=False), tmp_path / "b", "diffusers")
-    with pytest.raises(ValueError, match="8x only"):
+    with pytest.raises(ValueError, match="8x and 4x only"):
         tiny.save(TAESD(32, width=8, downsample_factor=32), tmp_path / "c", "diffusers")
     assert not (tmp_path / "a").exists()
 

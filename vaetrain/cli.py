@@ -146,8 +146,17 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         run(command, rest)
-    except CheckpointError as e:
-        raise SystemExit(f"vaetrain {command}: {e}") from None
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"vaetrain {command}: {e}{_assets_hint(str(e))}") from None
+
+
+def _assets_hint(message: str) -> str:
+    """What to do when a file the config takes from the shared assets is missing."""
+    assets = assets_dir()
+    if assets not in message or Path(assets).is_dir():
+        return ""
+    return (f" (the config reads the shared assets at {assets}, which do not exist: set VAETRAIN_ASSETS=/path/to/assets,"
+            f" point the config at your own files, or run `vaetrain train experiment=tiny`, which needs none)")
 
 
 if __name__ == "__main__":

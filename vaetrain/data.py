@@ -610,7 +610,7 @@ def list_images(folders: str | Iterable[str]) -> list[str]:
     for folder in items:
         folder = str(folder)
         if not os.path.isdir(folder):
-            raise ValueError(f"image folder {folder!r} does not exist")
+            raise FileNotFoundError(f"image folder {folder!r} does not exist (set data.folder / data.val_folder)")
         found = []
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames.sort()

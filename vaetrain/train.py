@@ -203,7 +203,11 @@ def train(
               + (f", resuming from {ckpt_path}" if ckpt_path else ""), flush=True)
     t0 = time.time()
     try:
-        pl_trainer.fit(pl_module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            pl_trainer.fit(pl_module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except BaseException:
+            _finish_wandb(loggers, exit_code=1)  # else the next run in this process would log into this one
+            raise
     except NonFiniteLossError as e:
         raise SystemExit(f"vaetrain train: {e}") from None
     except RuntimeError as e:
@@ -242,8 +246,17 @@ def train(
     metrics = {k: round(float(v), 4) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")}
     result["val"] = metrics
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    _finish_wandb(loggers, exit_code=0)
     _print_summary(result)
     return result
+
+
+def _finish_wandb(loggers: list, exit_code: int) -> None:
+    """Close this run's wandb run (Lightning leaves it open until the process exits)."""
+    for lg in loggers:
+        run = getattr(lg, "_experiment", None) if type(lg).__name__ == "WandbLogger" else None
+        if run is not None and hasattr(run, "finish"):
+            run.finish(exit_code=exit_code)
 
 
 def _print_summary(r: dict) -> None:

@@ -28,8 +28,10 @@ _INDEXED = re.compile(r"^(\d+)\.(.+)$")
 _MLP_KEYS = re.compile(r"^(in_proj|out_proj|hidden_layers\.\d+)\.(weight|bias)$|^upsample\.")
 _APPROX_KEYS = {f"conv{i}.{p}" for i in range(1, 9) for p in ("weight", "bias")}
 # diffusers AutoencoderTiny settings our TAESD reproduces (anything else is refused, not misread)
-_TINY_FIXED = dict(in_channels=3, out_channels=3, act_fn="relu", upsample_fn="nearest", upsampling_scaling_factor=2,
-                   num_encoder_blocks=[1, 3, 3, 3], num_decoder_blocks=[3, 3, 3, 1])
+_TINY_FIXED = dict(in_channels=3, out_channels=3, act_fn="relu", upsample_fn="nearest", upsampling_scaling_factor=2)
+# AutoencoderTiny's per-stage block counts for vaetrain's TAESD layouts, by downsampling factor
+_TINY_BLOCKS = {8: dict(num_encoder_blocks=[1, 3, 3, 3], num_decoder_blocks=[3, 3, 3, 1]),
+                4: dict(num_encoder_blocks=[1, 3, 3], num_decoder_blocks=[3, 3, 1])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,8 +90,12 @@ def taesd_encoder_flags(sd: dict, path: Path) -> dict:
         last = _indices(sd)[-1]
         f32 = "1.conv.0.weight" not in sd and "2.weight" in sd  # taesana: conv, ReLU, conv, ReLU, Block
         width = sd["2.weight" if f32 else "0.weight"].shape[0]
+        factor = 32 if f32 else {14: 8, 10: 4}.get(last)
+        if factor is None:
+            raise CheckpointError(f"{path}: looks like a TAESD encoder but its last layer is index {last} "
+                                  f"(expected 14 for the 8x layout or 10 for 4x)")
         return dict(latent_channels=sd[f"{last}.weight"].shape[0], width=width,
-                    flux_2=any(".pool." in k for k in sd), downsample_factor=32 if f32 else 8)
+                    flux_2=any(".pool." in k for k in sd), downsample_factor=factor)
     except (KeyError, IndexError) as e:
         raise CheckpointError(f"{path}: looks like a TAESD encoder (Sequential indices) but lacks key {e}") from None
 
@@ -98,10 +104,10 @@ def taesd_decoder_flags(sd: dict, path: Path) -> dict:
     """Architecture of a TAESD decoder state dict (index 0 is the parameterless Clamp)."""
     try:
         last = _indices(sd)[-1]
-        factor = {19: 8, 29: 32}.get(last)
+        factor = {19: 8, 14: 4, 29: 32}.get(last)
         if factor is None:
             raise CheckpointError(f"{path}: looks like a TAESD decoder but its last layer is index {last} "
-                                  f"(expected 19 for the 8x layout or 29 for 32x)")
+                                  f"(expected 19 for the 8x layout, 14 for 4x or 29 for 32x)")
         return dict(latent_channels=sd["1.weight"].shape[1], width=sd[f"{last}.weight"].shape[1],
                     flux_2=any(".pool." in k for k in sd), downsample_factor=factor)
     except (KeyError, IndexError) as e:
@@ -164,6 +170,10 @@ def _load_diffusers_folder(folder: Path, config: dict, preset) -> TAESD:
         if k in config and (list(config[k]) if isinstance(v, list) else config[k]) != v:
             raise CheckpointError(f"{cfg_path}: AutoencoderTiny with {k}={config[k]} is not supported (vaetrain's TAESD "
                                   f"needs {k}={v})")
+    blocks = {k: list(config.get(k, v)) for k, v in _TINY_BLOCKS[8].items()}
+    if blocks not in _TINY_BLOCKS.values():
+        raise CheckpointError(f"{cfg_path}: AutoencoderTiny with {blocks} is not supported (vaetrain's TAESD needs "
+                              f"{_TINY_BLOCKS[8]} (8x) or {_TINY_BLOCKS[4]} (4x))")
     for k in ("encoder_block_out_channels", "decoder_block_out_channels"):
         if k in config and len(set(config[k])) != 1:
             raise CheckpointError(f"{cfg_path}: {k}={config[k]} is not supported (vaetrain's TAESD needs one width)")
@@ -358,17 +368,19 @@ def _save_diffusers_tiny(ae: TAESD, out: Path) -> Path:
     if ae.flux_2:
         raise ValueError("this TAESD is the flux_2 variant: its pool branches have no diffusers AutoencoderTiny "
                          "equivalent; save it with format=taesd")
-    if ae.downsample_factor != 8:
-        raise ValueError(f"this TAESD downsamples {ae.downsample_factor}x; diffusers AutoencoderTiny is 8x only: "
-                         f"save it with format=taesd")
+    if ae.downsample_factor not in _TINY_BLOCKS:
+        raise ValueError(f"this TAESD downsamples {ae.downsample_factor}x; vaetrain writes AutoencoderTiny for 8x and "
+                         f"4x only: save it with format=taesd")
     if not (ae.has_encoder and ae.has_decoder):
         raise ValueError("diffusers AutoencoderTiny needs both halves but this TAESD has only one: save it with format=taesd")
     sd = {f"encoder.layers.{k}": v for k, v in ae.encoder.state_dict().items()}
     for k, v in ae.decoder.state_dict().items():
         i, _, tail = k.partition(".")
         sd[f"decoder.layers.{int(i) - 1}.{tail}"] = v
-    config = {"_class_name": "AutoencoderTiny", "_diffusers_version": "0.42.0", **_TINY_FIXED,
-              "encoder_block_out_channels": [ae.width] * 4, "decoder_block_out_channels": [ae.width] * 4,
+    blocks = _TINY_BLOCKS[ae.downsample_factor]
+    config = {"_class_name": "AutoencoderTiny", "_diffusers_version": "0.42.0", **_TINY_FIXED, **blocks,
+              "encoder_block_out_channels": [ae.width] * len(blocks["num_encoder_blocks"]),
+              "decoder_block_out_channels": [ae.width] * len(blocks["num_decoder_blocks"]),
               "latent_channels": ae.latent_channels, "latent_magnitude": 3, "latent_shift": 0.5,
               "force_upcast": False, "scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor}
     write_safetensors(sd, out / "diffusion_pytorch_model.safetensors", {"format": "pt"})

@@ -3,7 +3,8 @@
 ``Encoder`` / ``Decoder`` return ``nn.Sequential`` with the ORIGINAL index layout, so the original
 ``taesd_encoder.pth`` / ``taesd_decoder.pth`` keys (``"3.conv.0.weight"``...) load as they are.
 Variants are explicit flags: ``latent_channels`` (4 SD/SDXL, 16 SD3/FLUX.1, 32 FLUX.2/Sana),
-``width``, ``flux_2`` (midblock ``pool`` branch) and ``downsample_factor`` 8 or 32 (taesana's "f32").
+``width``, ``flux_2`` (midblock ``pool`` branch) and ``downsample_factor`` 8, 4 (one stage fewer on each side;
+diffusers AutoencoderTiny with three blocks) or 32 (taesana's "f32").
 TAESD works on images in [0, 1]; ``TAESD`` converts to and from vaetrain's [-1, 1] at its edges.
 Its latents are already diffusion space (scale 1, shift 0).
 """
@@ -50,33 +51,31 @@ class Block(nn.Module):
 def Encoder(latent_channels: int = 4, width: int = 64, flux_2: bool = False, downsample_factor: int = 8) -> nn.Sequential:
     """[0, 1] image (B, 3, H, W) -> latents (B, C, H/f, W/f)."""
     w = width
-    if downsample_factor == 8:
-        stem = [conv(3, w), Block(w, w)]
+    if downsample_factor in (4, 8):  # one stride-2 stage per halving; f=8 is the published layout
+        stem, stages = [conv(3, w), Block(w, w)], downsample_factor.bit_length() - 1
     elif downsample_factor == 32:  # taesana "f32": two extra stride-2 convs in the stem
-        stem = [conv(3, w // 2, stride=2), nn.ReLU(inplace=True), conv(w // 2, w, stride=2), nn.ReLU(inplace=True),
-                Block(w, w)]
+        stem, stages = [conv(3, w // 2, stride=2), nn.ReLU(inplace=True), conv(w // 2, w, stride=2),
+                        nn.ReLU(inplace=True), Block(w, w)], 3
     else:
-        raise ValueError(f"TAESD downsample_factor must be 8 or 32, got {downsample_factor}")
-    return nn.Sequential(
-        *stem,
-        conv(w, w, stride=2, bias=False), Block(w, w), Block(w, w), Block(w, w),
-        conv(w, w, stride=2, bias=False), Block(w, w), Block(w, w), Block(w, w),
-        conv(w, w, stride=2, bias=False), Block(w, w, flux_2), Block(w, w, flux_2), Block(w, w, flux_2),
-        conv(w, latent_channels),
-    )
+        raise ValueError(f"TAESD downsample_factor must be 4, 8 or 32, got {downsample_factor}")
+    layers: list[nn.Module] = stem
+    for i in range(stages):
+        pool = flux_2 and i == stages - 1
+        layers += [conv(w, w, stride=2, bias=False), Block(w, w, pool), Block(w, w, pool), Block(w, w, pool)]
+    return nn.Sequential(*layers, conv(w, latent_channels))
 
 
 def Decoder(latent_channels: int = 4, width: int = 64, flux_2: bool = False, downsample_factor: int = 8) -> nn.Sequential:
     """Latents (B, C, h, w) -> [0, 1]-ish image (B, 3, h*f, w*f) (not clamped: the caller clamps)."""
     w = width
-    if downsample_factor == 8:
-        widths = [w, w, w, w]
+    if downsample_factor in (4, 8):
+        widths = [w] * downsample_factor.bit_length()  # (4 -> 3 stages, 8 -> 4)
     elif downsample_factor == 32:
         # No f32 decoder weights are published (only taesana's encoder); this is vaetrain's own layout:
         # wider early stages as in taesd.py's F32Decoder, but five upsamplings so the output is really 32x.
         widths = [4 * w, 2 * w, w, w, w, w]
     else:
-        raise ValueError(f"TAESD downsample_factor must be 8 or 32, got {downsample_factor}")
+        raise ValueError(f"TAESD downsample_factor must be 4, 8 or 32, got {downsample_factor}")
     layers: list[nn.Module] = [Clamp(), conv(latent_channels, widths[0]), nn.ReLU()]
     for i, (n, n_next) in enumerate(zip(widths[:-1], widths[1:])):
         pool = flux_2 and i == 0
