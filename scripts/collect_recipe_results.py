@@ -15,7 +15,7 @@ import csv
 import json
 from pathlib import Path
 
-RUNS = ["taesd_taef2", "mlp_taef2", "vae16", "no_attn", "fp16_fix"]
+RUNS = ["default", "taesd_taef2", "mlp_taef2", "vae16", "no_attn", "fp16_fix"]
 
 
 def _json(path: Path):
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             a.pop("layers", None)  # the per-layer table stays in the file itself
             report["fp16_fix"][key] = a
     report["bench"]["no_attn"] = _json(res / "no_attn" / "bench.json")
+    report["default_resample_baseline"] = _json(res / "default" / "resample_baseline.json")
     report["latent_stats"] = _json(res / "vae16" / "latent_stats.json")
     timings = res / "timings.tsv"
     if timings.is_file():

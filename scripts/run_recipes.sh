@@ -4,7 +4,7 @@
 # under results/. Run everything, or name stages:
 #   scripts/run_recipes.sh                       # all stages, sequentially
 #   scripts/run_recipes.sh taesd mlp             # some of them
-# Stages: cache taesd taesd_eval mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval bench collect
+# Stages: default cache taesd taesd_eval mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval bench collect
 # (fp16 = overflow teacher + audit + fp16_train; mlp_eval_bsds: the BSDS half of mlp_eval). Later stages use earlier outputs (mlp needs cache; noattn
 # and fp16 need vae16). Sized for 2 CPU cores shared with other jobs; under such sharing torch runs FASTER with one
 # thread per process (two threads spin-wait on a busy machine), hence OMP_NUM_THREADS=1.
@@ -33,6 +33,12 @@ eval_on() {  # eval_on NAME MODEL_SOURCE SET [extra overrides...]: student (and 
   local name=$1 model=$2 set=$3; shift 3
   t "eval_${name}_${set}" vaetrain eval "model.source=$model" "folder=$A/images/eval/$set" size=256 batch_size=4 \
     "limit=${LIMIT[$set]}" grid=4 grid_tile=128 "out=$OUT/$name/$set" "$@"
+}
+
+stage_default() {  # the no-argument job (two torch threads: it was measured on the idle machine) + the 4x floor
+  OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 t default vaetrain train run_dir=$R/default
+  mkdir -p $OUT/default
+  python scripts/resample_baseline.py --size 32 --factor 4 >$OUT/default/resample_baseline.json
 }
 
 stage_cache() {  # the TAEF2 latents of images/train at 128 px, once (recipe 2 trains from them)
@@ -113,5 +119,5 @@ stage_collect() {  # results/results.json + results/results.csv from the summari
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(cache taesd taesd_eval mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval bench collect)
+[ ${#stages[@]} -eq 0 ] && stages=(default cache taesd taesd_eval mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval bench collect)
 for s in "${stages[@]}"; do "stage_$s"; done
