@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from vaetrain.cli import assets_dir
 from vaetrain.evaluate import evaluate
 from vaetrain.losses import LPIPS
 from vaetrain.models.base import Autoencoder
@@ -40,7 +40,7 @@ class Resample(Autoencoder):
 
 
 def main() -> None:
-    assets = Path(os.environ.get("VAETRAIN_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+    assets = Path(assets_dir())
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--folder", default=str(assets / "images" / "eval" / "kodak24"))
     p.add_argument("--size", type=int, default=32, help="short side resized to this, centre crop (as validation)")
