@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -124,3 +125,21 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, m
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def read_json_metadata(path: str | os.PathLike, key: str) -> dict:
+    """The JSON dict stored under ``key`` in a safetensors header; ``{}`` for other files or when absent.
+
+    Unreadable metadata also gives ``{}``: callers then fall back to the keys, which ``read_state_dict`` checks.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta[key]) if key in meta else {}
+    except Exception:
+        return {}

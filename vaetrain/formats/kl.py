@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vaetrain.formats.io import CheckpointError, _first, check_and_load, read_state_dict, write_safetensors
+from vaetrain.formats.io import CheckpointError, _first, check_and_load, read_json_metadata, read_state_dict, write_safetensors
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.presets import Preset, get_preset
 
@@ -192,19 +192,6 @@ def _diffusers_folder(path: Path) -> Path | None:
     return None
 
 
-def _safetensors_metadata(path: Path) -> dict:
-    if path.suffix != ".safetensors":
-        return {}
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
-    except Exception:  # unreadable metadata: the weights themselves are checked by read_state_dict
-        return {}
-
-
 def try_load(path, preset: Preset | str | None = None, allow_drop_attention: bool = False) -> AutoencoderKL | None:
     """An AutoencoderKL from ``path`` (file, folder, or list of files), None if it is not a KL checkpoint."""
     preset = get_preset(preset)
@@ -243,7 +230,7 @@ def try_load(path, preset: Preset | str | None = None, allow_drop_attention: boo
         names = _first([f.name for f, _ in found])
         raise CheckpointError(f"{path}: holds several AutoencoderKL checkpoints ({names}); pass one file")
     f, sd = found[0]
-    return build(sd, f, _safetensors_metadata(f), preset, allow_drop_attention)
+    return build(sd, f, read_json_metadata(f, METADATA_KEY), preset, allow_drop_attention)
 
 
 def _try_load_files(paths: list[Path], preset, allow_drop_attention) -> AutoencoderKL | None:
@@ -255,7 +242,7 @@ def _try_load_files(paths: list[Path], preset, allow_drop_attention) -> Autoenco
         merged.update(sd)
     meta = {}
     for p in paths:
-        meta.update(_safetensors_metadata(p))
+        meta.update(read_json_metadata(p, METADATA_KEY))
     name = paths[0] if len(paths) == 1 else "+".join(str(p) for p in paths)
     return build(merged, name, meta, preset, allow_drop_attention)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vaetrain.formats.io import CheckpointError, check_and_load, read_state_dict, write_safetensors
+from vaetrain.formats.io import CheckpointError, check_and_load, read_json_metadata, read_state_dict, write_safetensors
 from vaetrain.models.base import Autoencoder
 from vaetrain.models.mlp import MLPAutoencoder
 from vaetrain.models.taesd import TAESD
@@ -27,6 +27,7 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
 _INDEXED = re.compile(r"^(\d+)\.(.+)$")
 _MLP_KEYS = re.compile(r"^(in_proj|out_proj|hidden_layers\.\d+)\.(weight|bias)$|^upsample\.")
 _APPROX_KEYS = {f"conv{i}.{p}" for i in range(1, 9) for p in ("weight", "bias")}
+CONFIG_KEY = "vaetrain_config"  # safetensors metadata: the flags that rebuild the model
 # diffusers AutoencoderTiny settings our TAESD reproduces (anything else is refused, not misread)
 _TINY_FIXED = dict(in_channels=3, out_channels=3, act_fn="relu", upsample_fn="nearest", upsampling_scaling_factor=2)
 # AutoencoderTiny's per-stage block counts for vaetrain's TAESD layouts, by downsampling factor
@@ -54,20 +55,6 @@ def classify(sd: dict[str, torch.Tensor]) -> str | None:
         if w1 is not None and w1.ndim == 4 and not any(k.startswith("0.") for k in keys):
             return "taesd_decoder"
     return None
-
-
-def _metadata(path: Path) -> dict:
-    """vaetrain flags stored in a safetensors header ({} for other files)."""
-    if path.suffix != ".safetensors":
-        return {}
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta.get("vaetrain_config", "{}"))
-    except Exception:  # unreadable metadata: fall back to the keys, which read_state_dict already accepted
-        return {}
 
 
 def _preset(preset):
@@ -301,7 +288,7 @@ def _load_files(paths: list[Path], preset) -> Autoencoder | None:
                               f"({', '.join(str(k) for k in kinds if k)}); pass files of one model")
     meta = {}
     for p in paths:
-        meta.update(_metadata(p))
+        meta.update(read_json_metadata(p, CONFIG_KEY))
     parts = dict(zip(kinds, zip(sds, paths)))
     if len(parts) != len(paths):
         raise CheckpointError(f"{paths[0]}: got {len(paths)} files but two of them are the same kind of half "
@@ -356,7 +343,7 @@ def _half_state(module: torch.nn.Module, kind: str) -> dict:
 
 def _save_halves(ae, out: Path, kind: str) -> Path:
     name = out.name or kind
-    meta = {"vaetrain_model": kind, "vaetrain_config": json.dumps(ae.config())}
+    meta = {"vaetrain_model": kind, CONFIG_KEY: json.dumps(ae.config())}
     for half in ("encoder", "decoder"):
         module = getattr(ae, half, None)
         if module is not None:
