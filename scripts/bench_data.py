@@ -111,7 +111,7 @@ def main() -> None:
 
 def bench_cache(assets: Path, folder: Path, tmp: Path, args) -> None:
     from vaetrain.cache import cache_latents
-    from vaetrain.models import load_autoencoder
+    from vaetrain.formats import load_autoencoder
     from vaetrain.models.taesd import TAESD
 
     w = assets / "weights"

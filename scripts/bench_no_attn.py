@@ -25,7 +25,7 @@ from bench_midblock import _rss_kib  # scripts/ is on sys.path when run as a scr
 
 
 def worker(path: str, px: int, reps: int) -> dict:
-    from vaetrain.models import load_autoencoder
+    from vaetrain.formats import load_autoencoder
 
     ae = load_autoencoder(path).float().eval()
     f = ae.downsample_factor

@@ -17,9 +17,9 @@ import math
 import torch
 
 from vaetrain.convention import uint8_to_model
-from vaetrain.evaluate import read_images
+from vaetrain.commands.images import read_images
 from vaetrain.metrics import psnr
-from vaetrain.models import load_autoencoder
+from vaetrain.formats import load_autoencoder
 
 
 @torch.inference_mode()

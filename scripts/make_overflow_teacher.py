@@ -26,7 +26,7 @@ import sys
 import torch
 
 from vaetrain.convention import uint8_to_model
-from vaetrain.evaluate import audit_fp16
+from vaetrain.commands.audit_fp16 import audit_fp16
 from vaetrain.metrics import psnr
 from vaetrain.models.autoencoder_kl import AutoencoderKL, ResnetBlock
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     if args.source:
-        from vaetrain.models import load_autoencoder
+        from vaetrain.formats import load_autoencoder
 
         ae = load_autoencoder(args.source)
         if not isinstance(ae, AutoencoderKL):
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     audit_before = audit_fp16(before, size=args.size, limit=1, mode="auto", top=5)
     print("\nafter:")
     audit_after = audit_fp16(ae, size=args.size, limit=1, mode="auto", top=5)
-    from vaetrain.models import save_autoencoder
+    from vaetrain.formats import save_autoencoder
 
     path = save_autoencoder(ae, args.out, args.format)
     print(f"\nsaved {path}")

@@ -1,7 +1,7 @@
 """The floor a learned autoencoder must clear: area-downsample f x, then upsample bicubic.
 
 A KL or TAESD autoencoder at f=4 keeps C x H/4 x W/4 numbers; plain resampling keeps 3 x H/4 x W/4 and needs no
-training. This scores that baseline with ``vaetrain.evaluate.evaluate`` (the same image reading, PSNR / SSIM and
+training. This scores that baseline with ``vaetrain.commands.eval.evaluate`` (the same image reading, PSNR / SSIM and
 LPIPS-like as ``vaetrain eval`` and training validation), so a trained model's numbers can be put next to it:
 
     python scripts/resample_baseline.py --folder ../shared/assets/images/eval/kodak24 --size 32 --factor 4
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vaetrain.cli import assets_dir
-from vaetrain.evaluate import evaluate
+from vaetrain.commands.eval import evaluate
 from vaetrain.losses import LPIPS
 from vaetrain.models.base import Autoencoder
 

@@ -8,7 +8,7 @@ import torch
 
 from vaetrain.formats import kl
 from vaetrain.formats.io import CheckpointError, write_safetensors
-from vaetrain.models import load_autoencoder, load_weights, save_autoencoder
+from vaetrain.formats import load_autoencoder, load_weights, save_autoencoder
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 
 diffusers = pytest.importorskip("diffusers")

@@ -144,7 +144,7 @@ def test_ranks_take_disjoint_shares(photos, tmp_path):
 
 def test_cli_with_real_taef2(assets, tmp_path):
     from vaetrain.cli import run
-    from vaetrain.models import load_autoencoder
+    from vaetrain.formats import load_autoencoder
 
     out = tmp_path / "c"
     s = run("cache-latents", [f"output={out}", "data=synthetic", "data.image_size=32", "data.synthetic_count=6",

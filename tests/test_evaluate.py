@@ -13,7 +13,10 @@ import torch
 from PIL import Image
 
 from vaetrain.convention import uint8_to_model
-from vaetrain.evaluate import audit_fp16, evaluate, latent_stats, read_images
+from vaetrain.commands.audit_fp16 import audit_fp16
+from vaetrain.commands.eval import evaluate
+from vaetrain.commands.images import read_images
+from vaetrain.commands.latent_stats import latent_stats
 from vaetrain.losses import LPIPS
 from vaetrain.metrics import psnr, ssim
 from vaetrain.models.autoencoder_kl import AutoencoderKL
@@ -152,7 +155,7 @@ def test_latent_stats_against_direct_computation(folder):
 
 def test_cli_commands(folder, tmp_path, capsys):
     from vaetrain.cli import run
-    from vaetrain.models import save_autoencoder
+    from vaetrain.formats import save_autoencoder
 
     path = save_autoencoder(tiny_kl(), tmp_path / "m", "original")
     r = run("audit-fp16", [str(path), "size=16", "limit=1", "mode=emulate", f"out={tmp_path / 'audit.json'}"])
@@ -166,7 +169,7 @@ def test_cli_commands(folder, tmp_path, capsys):
 
 def test_real_taef2_eval_and_stats(assets, tmp_path):
     """TAEF2 (real weights) on 2 Kodak images: sensible quality, LPIPS-like on, its latents near unit scale."""
-    from vaetrain.models import load_autoencoder
+    from vaetrain.formats import load_autoencoder
 
     w = assets / "weights"
     taef2 = load_autoencoder([str(w / "taef2_encoder.pth"), str(w / "taef2_decoder.pth")])

@@ -12,7 +12,7 @@ import torch
 import vaetrain.cli
 from vaetrain.formats import kl
 from vaetrain.formats.io import CheckpointError, write_safetensors
-from vaetrain.models import load_autoencoder, save_autoencoder
+from vaetrain.formats import load_autoencoder, save_autoencoder
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.presets import PRESETS, get_preset
 

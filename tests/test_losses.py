@@ -352,7 +352,7 @@ def test_loss_configs_instantiate(monkeypatch, tmp_path):
 
         OmegaConf.register_new_resolver("assets", lambda p="": str(Path(assets_dir()) / p))
     built = {}
-    for f in sorted((ROOT / "conf/loss").glob("*.yaml")) + sorted((ROOT / "conf/discriminator").glob("*.yaml")):
+    for f in sorted((ROOT / "vaetrain/conf/loss").glob("*.yaml")) + sorted((ROOT / "vaetrain/conf/discriminator").glob("*.yaml")):
         cfg = OmegaConf.load(f)
         if f.stem == "lpips":
             continue  # needs torchvision's ImageNet AlexNet (download); covered by the error-message test below

@@ -14,7 +14,7 @@ from vaetrain.data import ImageDataModule
 from vaetrain.losses import KL, MSE, Adversarial, LossTerm
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.patchgan import NLayerDiscriminator
-from vaetrain.module import EMA, NonFiniteLossError, VAETrainModule, WarmupCosine, select_parameters
+from vaetrain.engine.module import EMA, NonFiniteLossError, VAETrainModule, WarmupCosine, select_parameters
 
 
 def tiny_kl(**kw):

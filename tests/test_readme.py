@@ -22,5 +22,5 @@ def test_every_experiment_named_in_the_readme_exists():
     named = set(re.findall(r"experiment=\[?([\w,]+)", text))
     names = {n for group in named for n in group.split(",") if n != "NAME"}
     assert names, "the README names no experiment"
-    missing = sorted(n for n in names if not (ROOT / "conf/experiment" / f"{n}.yaml").exists())
+    missing = sorted(n for n in names if not (ROOT / "vaetrain/conf/experiment" / f"{n}.yaml").exists())
     assert not missing, f"README names experiments that do not exist: {missing}"

@@ -20,7 +20,7 @@ from PIL import Image
 
 from vaetrain.cli import compose, conf_dir, run
 from vaetrain.formats.io import read_state_dict
-from vaetrain.models import load_autoencoder, save_autoencoder
+from vaetrain.formats import load_autoencoder, save_autoencoder
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.taesd import TAESD
 

@@ -5,12 +5,12 @@ import functools
 
 import torch
 
-from vaetrain.callbacks import Checkpoint
+from vaetrain.engine.callbacks import Checkpoint
 from vaetrain.data import ImageDataModule
 from vaetrain.losses import KL, MSE, Adversarial
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.patchgan import NLayerDiscriminator
-from vaetrain.train import train
+from vaetrain.commands.train import train
 
 
 def parts():

@@ -167,7 +167,7 @@ def test_vae_approx_roundtrip(tmp_path):
 
 def test_through_load_and_save_autoencoder(tmp_path):
     loading = pytest.importorskip("vaetrain.formats.loading")
-    from vaetrain.models import load_autoencoder, save_autoencoder
+    from vaetrain.formats import load_autoencoder, save_autoencoder
 
     ours = _randomize(TAESD(16, width=8)).eval()
     out = save_autoencoder(ours, tmp_path / "t", format="taesd")

@@ -1,4 +1,4 @@
-"""``vaetrain.train.train`` and ``vaetrain train``: a few steps per mode, export, bf16 on CPU, atomic
+"""``vaetrain.commands.train.train`` and ``vaetrain train``: a few steps per mode, export, bf16 on CPU, atomic
 checkpoints, pre-emption, and the no-argument job (shrunk) with wandb offline. Tiny models, 32 px."""
 
 import csv
@@ -13,15 +13,15 @@ import lightning as L
 import pytest
 import torch
 
-from vaetrain.callbacks import AtomicCheckpointIO, Checkpoint, Preemption
+from vaetrain.engine.callbacks import AtomicCheckpointIO, Checkpoint, Preemption
 from vaetrain.data import ImageDataModule
 from vaetrain.losses import KL, MSE, Adversarial, LatentMSE
-from vaetrain.models import load_autoencoder
+from vaetrain.formats import load_autoencoder
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.interposer import LatentInterposer
 from vaetrain.models.patchgan import NLayerDiscriminator
 from vaetrain.models.taesd import TAESD
-from vaetrain.train import train
+from vaetrain.commands.train import train
 
 
 def kl(f=2, seed=0, **kw):
@@ -251,7 +251,7 @@ def test_cli_default_job_shrunk_with_wandb_offline(assets, tmp_path, monkeypatch
     assert (out / "checkpoints" / "last.ckpt").exists() and (out / "config.json").exists()
     assert json.loads((out / "result.json").read_text())["steps"] == 3
     assert Path(r["exports"]["original"]).exists() and (Path(r["exports"]["diffusers"]) / "config.json").exists()
-    from vaetrain.models import load_autoencoder
+    from vaetrain.formats import load_autoencoder
     exported = load_autoencoder(r["exports"]["diffusers"])  # the default student: a 4x TAESD (AutoencoderTiny)
     assert exported.downsample_factor == 4 and exported.latent_channels == 4
     assert list((out / "images").glob("val_step*.png"))

@@ -1,6 +1,6 @@
 """The ``vaetrain`` command: ``vaetrain SUBCOMMAND [POSITIONAL...] [key=value ...]``.
 
-This is the only layer that knows Hydra. Each subcommand is a config in ``conf/`` whose
+This is the only layer that knows Hydra. Each subcommand is a config in ``vaetrain/conf/`` whose
 ``_target_`` is a plain Python function; overrides are Hydra's ``key=value`` syntax, and the
 composed config is instantiated (recursively, so teachers, students, losses and data modules
 arrive as objects) and the function is called. Functions that take a ``config`` argument also get
@@ -13,6 +13,8 @@ import inspect
 import os
 import sys
 from pathlib import Path
+
+from vaetrain.safe import UserError
 
 # name -> (config name, positional argument keys; "+" marks one that takes all remaining positionals)
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
@@ -27,12 +29,8 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
 
 
 def conf_dir() -> Path:
-    """The repo's conf/ (editable installs and checkouts) or the copy shipped in the package."""
-    env = os.environ.get("VAETRAIN_CONF")
-    if env:
-        return Path(env).resolve()
-    repo = Path(__file__).resolve().parents[1] / "conf"
-    return repo if repo.is_dir() else Path(__file__).resolve().parent / "conf"
+    """The configs shipped inside the package (``vaetrain/conf``)."""
+    return Path(__file__).resolve().parent / "conf"
 
 
 def assets_dir() -> str:
@@ -142,11 +140,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"vaetrain: unknown subcommand {command!r}\n\n{_usage()}")
     if "--help" in rest or "-h" in rest:
         rest = [a for a in rest if a not in ("--help", "-h")] + ["--help"]
-    from vaetrain.formats.io import CheckpointError
-
     try:
         run(command, rest)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         raise SystemExit(f"vaetrain {command}: {e}{_assets_hint(str(e))}") from None
 
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from vaetrain.safe import UserError, atomic_write
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line naming the file and the problem."""
 
 
@@ -41,8 +45,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     # safetensors: 8-byte little-endian header length, then a JSON header
     if path.suffix == ".safetensors" or head[8:9] == b"{":
         try:
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         except Exception as e:  # safetensors raises several error types for bad headers
             if path.suffix == ".safetensors":
@@ -111,20 +113,8 @@ def check_and_load(
 
 def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write atomically (temp file + rename) so a kill never leaves a half-written file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def read_json_metadata(path: str | os.PathLike, key: str) -> dict:
@@ -136,8 +126,6 @@ def read_json_metadata(path: str | os.PathLike, key: str) -> dict:
     if path.suffix != ".safetensors":
         return {}
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         return json.loads(meta[key]) if key in meta else {}

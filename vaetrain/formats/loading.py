@@ -14,7 +14,9 @@ import re
 import warnings
 from pathlib import Path
 
-from vaetrain.formats import kl
+import huggingface_hub
+
+from vaetrain.formats import kl, tiny
 from vaetrain.formats.io import CheckpointError, _first, check_and_load
 from vaetrain.models.base import Autoencoder
 from vaetrain.models.presets import Preset, get_preset
@@ -25,25 +27,14 @@ ACCEPTED = ("diffusers AutoencoderKL/AutoencoderKLFlux2/AutoencoderTiny folders,
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _format_modules():
-    """kl, then tiny (H2's module) when it exists: the dispatcher works without it."""
-    mods = [kl]
-    try:
-        from vaetrain.formats import tiny
-    except ImportError as e:
-        if getattr(e, "name", None) != "vaetrain.formats.tiny":
-            raise
-    else:
-        mods.append(tiny)
-    return mods
+# tried in this order; each returns None for "not my format"
+FORMAT_MODULES = (kl, tiny)
 
 
 def hub_download(repo_id: str, subfolder: str | None = None, allow_patterns: list[str] | None = None) -> Path:
     """Local folder of ``repo_id`` (its ``subfolder`` when given) from the huggingface_hub cache or the hub."""
-    from huggingface_hub import snapshot_download
-
     try:
-        root = snapshot_download(repo_id, allow_patterns=allow_patterns)
+        root = huggingface_hub.snapshot_download(repo_id, allow_patterns=allow_patterns)
     except Exception as e:  # offline with no cache, unknown repo, network: one line, not a traceback
         hint = " (HF_HUB_OFFLINE is set: download it once online or point source= at a local copy)" \
             if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
@@ -98,7 +89,7 @@ def load_autoencoder(source=None, preset: str | Preset | None = None, subfolder:
     """
     preset = get_preset(preset)
     path = resolve(source, preset, subfolder)
-    for mod in _format_modules():
+    for mod in FORMAT_MODULES:
         ae = mod.try_load(path, preset, allow_drop_attention)
         if ae is not None:
             return ae.eval()
@@ -138,20 +129,8 @@ def load_weights(ae: Autoencoder, source, allow_drop_attention: bool = False,
 
 def save_autoencoder(ae: Autoencoder, out_path, format: str = "diffusers") -> Path:
     """Write ``ae`` in ``format`` (diffusers | original | taesd, as the model type allows); returns the path."""
-    for mod in _format_modules():
+    for mod in FORMAT_MODULES:
         written = mod.save(ae, Path(out_path), format)
         if written is not None:
             return Path(written)
     raise ValueError(f"no saver handles {type(ae).__name__} (format={format!r})")
-
-
-def convert(source, out, format: str = "diffusers", preset: str | None = None, subfolder: str | None = None,
-            allow_drop_attention: bool = False) -> Path:
-    """``vaetrain convert SRC OUT format=...``: load anything supported, write it in ``format``."""
-    ae = load_autoencoder(source, preset=preset, subfolder=subfolder, allow_drop_attention=allow_drop_attention)
-    try:
-        written = save_autoencoder(ae, out, format=format)
-    except ValueError as e:
-        raise CheckpointError(f"{out}: {e}") from None
-    print(f"wrote {type(ae).__name__} ({format}) to {written}")
-    return written

@@ -10,9 +10,7 @@ loading works from the keys alone.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,8 +18,10 @@ import torch
 from vaetrain.formats.io import CheckpointError, check_and_load, read_json_metadata, read_state_dict, write_safetensors
 from vaetrain.models.base import Autoencoder
 from vaetrain.models.mlp import MLPAutoencoder
+from vaetrain.models.presets import get_preset
 from vaetrain.models.taesd import TAESD
 from vaetrain.models.vae_approx import VAEApprox
+from vaetrain.safe import atomic_write
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
 _INDEXED = re.compile(r"^(\d+)\.(.+)$")
@@ -60,8 +60,6 @@ def classify(sd: dict[str, torch.Tensor]) -> str | None:
 def _preset(preset):
     if preset is None or not isinstance(preset, str):
         return preset
-    from vaetrain.models.presets import get_preset
-
     return get_preset(preset)
 
 
@@ -371,14 +369,5 @@ def _save_diffusers_tiny(ae: TAESD, out: Path) -> Path:
               "latent_channels": ae.latent_channels, "latent_magnitude": 3, "latent_shift": 0.5,
               "force_upcast": False, "scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor}
     write_safetensors(sd, out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    _write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
     return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic like write_safetensors: a kill never leaves a half-written config."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -1,0 +1,269 @@
+"""``vaetrain train``: build the Trainer, loggers and callbacks around ``VAETrainModule``; fit; resume; export.
+
+Called by the CLI with instantiated objects (teacher, student, loss terms, discriminator, data module,
+optimizer factories) and plain dicts (trainer kwargs, module options); usable from Python as is.
+
+Launching beyond one process (Lightning picks the cluster environment up from the variables the
+launcher sets; always give a fixed ``run_dir`` so that every rank and every restart agree on it):
+
+- one machine, all GPUs: ``vaetrain train trainer=gpu run_dir=runs/x`` (Lightning starts the local ranks
+  by re-running the command; rank 0 hands them its run folder through ``$VAETRAIN_RUN_DIR``);
+- torchrun, N nodes: ``torchrun --nnodes N --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500
+  -m vaetrain.cli train trainer=gpu trainer.num_nodes=N trainer.devices=8 run_dir=/shared/runs/x resume=auto``;
+- SLURM: ``#SBATCH --nodes N --ntasks-per-node 8 --gpus-per-node 8 --signal=USR1@120 --requeue`` and
+  ``srun vaetrain train trainer=gpu trainer.num_nodes=N trainer.devices=8 run_dir=/shared/runs/x resume=auto``.
+  On SIGUSR1/SIGTERM every rank finishes its step, ``last.ckpt`` is written, the job is requeued
+  (``scontrol requeue``) and the restarted job continues with ``resume=auto``.
+
+Resume is exact (same weights as an uninterrupted run on CPU) from checkpoints written at epoch ends
+(``last.ckpt`` after a run, or cadences that divide the epoch): weights, EMA, discriminator, both
+optimizers and schedules, the step, the RNG states and the data module's epoch are all restored, and
+the posterior noise is a function of (seed, step, rank). A checkpoint from mid-epoch resumes with the
+next epoch's data order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+
+from vaetrain.engine.callbacks import AtomicCheckpointIO, Preemption, shield_loader_workers
+from vaetrain.engine.module import NonFiniteLossError, VAETrainModule
+from vaetrain.formats import save_autoencoder
+from vaetrain.formats.io import CheckpointError, write_safetensors
+from vaetrain.models.base import Autoencoder
+
+# set by rank 0 before Lightning starts the other local ranks (which re-run the command), so that every
+# rank writes into the same run folder even when it is named after the clock
+_RUN_DIR_ENV = "VAETRAIN_RUN_DIR"
+
+
+def _resolve_run_dir(run_dir: str | os.PathLike) -> Path:
+    inherited = os.environ.get(_RUN_DIR_ENV)
+    if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+        return Path(inherited)
+    path = Path(run_dir).resolve()
+    os.environ[_RUN_DIR_ENV] = str(path)
+    return path
+
+
+def _build(obj: Any, run_dir: Path) -> Any:
+    """Loggers and callbacks arrive as objects or as ``_partial_`` factories that want the run folder."""
+    if obj is None or not callable(obj) or isinstance(obj, nn.Module):
+        return obj
+    fn = getattr(obj, "func", obj)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return obj
+    if "run_dir" in params:
+        return obj(run_dir=str(run_dir))
+    if "save_dir" in params:
+        return obj(save_dir=str(run_dir))
+    return obj() if hasattr(obj, "func") else obj
+
+
+def _strategy(trainer_kwargs: dict, adversarial: nn.Module | None):
+    strategy = trainer_kwargs.get("strategy", "auto")
+    if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn"):
+        # the G backward leaves the (frozen) discriminator without gradients and the D backward leaves
+        # the student without: DDP must be told that parameters can go unused in a backward
+        return DDPStrategy(start_method="spawn" if strategy == "ddp_spawn" else "popen",
+                           find_unused_parameters=adversarial is not None)
+    return strategy
+
+
+def find_resume(resume: str | None, run_dir: Path) -> str | None:
+    """``resume``: None (fresh), "auto" (``<run_dir>/checkpoints/last.ckpt`` when it exists) or a path."""
+    if resume in (None, "", False):
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+    if not path.is_file():
+        raise SystemExit(f"vaetrain train: resume={resume}: no checkpoint there (expected a .ckpt file or a run folder)")
+    return str(path)
+
+
+def export_model(model: nn.Module, out_dir: Path, formats: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Write ``model`` (the EMA student) in each format it supports; returns format -> path (or skip reason)."""
+    out: dict[str, str] = {}
+    model = model.float().eval()
+    if not isinstance(model, Autoencoder):
+        # interposers and other latent->latent nets: native safetensors only
+        path = write_safetensors(model.state_dict(), out_dir / f"{type(model).__name__.lower()}.safetensors",
+                                 metadata={"class": f"{type(model).__module__}.{type(model).__name__}"})
+        return {"safetensors": str(path)}
+    for fmt in formats:
+        try:
+            out[fmt] = str(save_autoencoder(model, out_dir / fmt, format=fmt))
+        except (CheckpointError, ValueError, NotImplementedError) as e:
+            out[fmt] = f"skipped: {' '.join(str(e).split())[:200]}"
+    return out
+
+
+def train(
+    student: nn.Module,
+    data,
+    teacher: nn.Module | None = None,
+    teacher_b: nn.Module | None = None,
+    loss: Mapping[str, nn.Module | None] | None = None,
+    discriminator: nn.Module | None = None,
+    mode: str = "autoencode",
+    optimizer: Callable | None = None,
+    d_optimizer: Callable | None = None,
+    module: Mapping[str, Any] | None = None,
+    trainer: Mapping[str, Any] | None = None,
+    logger: Mapping[str, Any] | None = None,
+    callbacks: Mapping[str, Any] | None = None,
+    run_dir: str = "runs/default",
+    seed: int = 0,
+    resume: str | None = None,
+    export: list[str] | tuple[str, ...] | None = ("original", "diffusers"),
+    config: dict | None = None,
+) -> dict[str, Any]:
+    """Train and return where everything went: ``{"run_dir", "checkpoint", "exports", "logs", "images", ...}``.
+
+    Argument names are the config groups of ``conf/train.yaml``: ``data`` is the LightningDataModule,
+    ``loss`` a dict name -> ``LossTerm`` (``None`` or weight 0 disables one), ``discriminator`` a
+    ``vaetrain.losses.Adversarial`` (or None), ``module`` the keyword options of ``VAETrainModule``,
+    ``trainer`` Lightning ``Trainer`` kwargs, ``logger`` / ``callbacks`` dicts of objects or factories
+    taking ``save_dir`` / ``run_dir``. ``resume``: None, "auto" or a checkpoint / run folder.
+    """
+    datamodule, losses, adversarial = data, loss, discriminator
+    # expected with this design (frozen teacher/LPIPS/EMA in eval; checkpoints after the manual step)
+    for msg in (".*module\\(s\\) in eval mode.*", ".*ModelCheckpoint with manual optimization.*",
+                ".*overridden `on_after_batch_transfer`.*"):
+        warnings.filterwarnings("ignore", message=msg)
+
+    run_dir = _resolve_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, workers=True, verbose=False)
+    trainer_kwargs = dict(trainer or {})
+    max_steps = int(trainer_kwargs.get("max_steps", -1))
+    opts = dict(module or {})
+    if opts.get("total_steps") is None and max_steps > 0:
+        opts["total_steps"] = max_steps
+    if isinstance(losses, (list, tuple)):
+        losses = {getattr(t, "name", type(t).__name__.lower()): t for t in losses}
+    if isinstance(losses, Mapping) and "_target_" in losses:
+        raise SystemExit("vaetrain train: `loss` must be a dict name -> term (e.g. loss: {mse: {...}})")
+    # an experiment may set e.g. loss.lpips.weight while the user removed the term (~loss@loss.lpips): what
+    # is left is a plain dict of settings, not a term; the removal wins
+    leftovers = {k: v for k, v in (losses or {}).items() if isinstance(v, Mapping)}
+    if isinstance(adversarial, Mapping):
+        leftovers["discriminator"], adversarial = adversarial, None
+    for name, rest in leftovers.items():
+        print(f"vaetrain train: {name} was removed; ignoring its leftover settings {dict(rest)}", flush=True)
+    losses = {k: v for k, v in (losses or {}).items() if k not in leftovers}
+    try:
+        pl_module = VAETrainModule(student, teacher=teacher, teacher_b=teacher_b, losses=losses,
+                                   adversarial=adversarial, mode=mode, optimizer=optimizer, d_optimizer=d_optimizer,
+                                   seed=seed, **opts)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"vaetrain train: {' '.join(str(e).split())}") from None
+    pl_module.config = config
+    if hasattr(datamodule, "expect_teacher") and getattr(datamodule, "source", None) == "cached" and teacher is not None:
+        datamodule.expect_teacher(teacher, teacher_b)
+
+    loggers = [lg for lg in (_build(v, run_dir) for v in (logger or {}).values()) if lg is not None]
+    cbs = [cb for cb in (_build(v, run_dir) for v in (callbacks or {}).values()) if cb is not None]
+    if any(isinstance(cb, Preemption) for cb in cbs):
+        shield_loader_workers(datamodule)
+    trainer_kwargs["strategy"] = _strategy(trainer_kwargs, adversarial)
+    trainer_kwargs.setdefault("default_root_dir", str(run_dir))
+    trainer_kwargs.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in cbs))
+    plugins = list(trainer_kwargs.pop("plugins", None) or []) + [AtomicCheckpointIO()]
+    pl_trainer = L.Trainer(logger=loggers or False, callbacks=cbs, plugins=plugins, **trainer_kwargs)
+
+    ckpt_path = find_resume(resume, run_dir)
+    if pl_trainer.is_global_zero:
+        if config is not None:
+            (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        print(f"vaetrain train: mode={mode}, run folder {run_dir}"
+              + (f", resuming from {ckpt_path}" if ckpt_path else ""), flush=True)
+    t0 = time.time()
+    try:
+        try:
+            pl_trainer.fit(pl_module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except BaseException:
+            _finish_wandb(loggers, exit_code=1)  # else the next run in this process would log into this one
+            raise
+    except NonFiniteLossError as e:
+        raise SystemExit(f"vaetrain train: {e}") from None
+    except RuntimeError as e:
+        if ckpt_path and "loading state_dict" in str(e):
+            raise SystemExit(f"vaetrain train: resume={ckpt_path} does not match the configured student/discriminator "
+                             f"(resume with the run's own config, {run_dir / 'config.json'}): "
+                             f"{' '.join(str(e).split())[:300]}") from None
+        raise
+
+    preempt = next((c for c in cbs if type(c).__name__ == "Preemption"), None)
+    preempted = preempt is not None and preempt.saved_to is not None
+    ckpt_cb = next((c for c in cbs if isinstance(c, ModelCheckpoint)), None)
+    last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
+    if last is not None and not preempted:
+        pl_trainer.save_checkpoint(str(last), weights_only=False)  # the end state, whatever the cadence
+    result: dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": str(last) if last else None,
+                              "steps": int(pl_trainer.global_step), "preempted": preempted,
+                              "seconds": round(time.time() - t0, 1),
+                              "nonfinite_skipped": pl_module.nonfinite_total, "world_size": pl_trainer.world_size,
+                              "replica_checksums": getattr(pl_module, "replica_checksums", None),
+                              "exports": {}, "logs": {}}
+    if not pl_trainer.is_global_zero:
+        return result
+    if export and not preempted:
+        result["exports"] = export_model(pl_module.eval_model(), run_dir / "export", list(export))
+    for lg in loggers:
+        name = type(lg).__name__
+        if name == "CSVLogger":
+            result["logs"]["csv"] = str(Path(lg.log_dir) / "metrics.csv")
+        elif name == "WandbLogger":
+            exp = lg.experiment
+            result["logs"]["wandb"] = str(getattr(exp, "dir", None) and Path(exp.dir).parent)
+    grid = next((c for c in cbs if type(c).__name__ == "ImageGrid"), None)
+    if grid is not None and grid.last is not None:
+        result["images"] = str(grid.last.parent)
+    metrics = {k: round(float(v), 4) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")}
+    result["val"] = metrics
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    _finish_wandb(loggers, exit_code=0)
+    _print_summary(result)
+    return result
+
+
+def _finish_wandb(loggers: list, exit_code: int) -> None:
+    """Close this run's wandb run (Lightning leaves it open until the process exits)."""
+    for lg in loggers:
+        run = getattr(lg, "_experiment", None) if type(lg).__name__ == "WandbLogger" else None
+        if run is not None and hasattr(run, "finish"):
+            run.finish(exit_code=exit_code)
+
+
+def _print_summary(r: dict) -> None:
+    lines = [f"vaetrain train: {'pre-empted' if r['preempted'] else 'done'}: {r['steps']} steps in {r['seconds']} s"
+             + (f", {r['nonfinite_skipped']} non-finite steps skipped" if r["nonfinite_skipped"] else ""),
+             f"  run folder   {r['run_dir']}",
+             f"  checkpoint   {r['checkpoint']}" + ("  (continue with resume=auto or resume=PATH)" if r["checkpoint"] else "")]
+    for fmt, path in r["exports"].items():
+        lines.append(f"  export       {fmt}: {path}")
+    for kind, path in r["logs"].items():
+        lines.append(f"  logs         {kind}: {path}")
+    if r.get("images"):
+        lines.append(f"  images       {r['images']}")
+    if r.get("val"):
+        lines.append("  validation   " + ", ".join(f"{k[4:]}={v}" for k, v in sorted(r["val"].items())))
+    print("\n".join(lines), flush=True)
