@@ -50,12 +50,47 @@ def test_pixel_term_errors_are_one_line():
 
 def test_kl_matches_closed_form_and_distributions():
     mean, logvar = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6) * 0.5
-    got = KL()(inputs(mean=mean, logvar=logvar))
+    got = KL(reduction="sum")(inputs(mean=mean, logvar=logvar))
     q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
     p = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
     want = torch.distributions.kl_divergence(q, p).sum(dim=(1, 2, 3)).mean()
     assert torch.allclose(got, want, rtol=1e-5)
-    assert KL()(inputs(mean=torch.zeros(2, 4, 3, 3), logvar=torch.zeros(2, 4, 3, 3))) == 0  # its minimum
+    # the default divides by the image's element count (3 H W), read off the student's image
+    per_pixel = KL()(inputs(mean=mean, logvar=logvar, recon=torch.zeros(3, 3, 40, 48)))
+    assert torch.allclose(per_pixel, want / (3 * 40 * 48), rtol=1e-5)
+    assert KL()(inputs(mean=torch.zeros(2, 4, 3, 3), logvar=torch.zeros(2, 4, 3, 3), recon=torch.zeros(2, 3, 24, 24))) == 0
+    with pytest.raises(ValueError, match="reduction"):
+        KL(reduction="mean")
+
+
+@pytest.mark.parametrize("size", [32, 256])
+def test_kl_weight_pulls_as_hard_as_in_latent_diffusion(size):
+    """A kl weight copied from latent-diffusion means the same: the ratio of the KL gradient to the pixel term's
+    gradient on the posterior mean equals LPIPSWithDiscriminator's (contperceptual.py: nll = |x - rec| / exp(0) + 0
+    summed over C,H,W / B, kl = posterior.kl() summed over C,h,w / B, loss = nll + kl_weight * kl)."""
+    torch.manual_seed(0)
+    b, kl_weight = 2, 1e-6
+    mean = torch.randn(b, 4, size // 8, size // 8, requires_grad=True)
+    logvar = torch.randn(b, 4, size // 8, size // 8) * 0.3 - 2
+    mix = torch.randn(3, 4)
+    x = torch.rand(b, 3, size, size) * 2 - 1
+
+    def decode(z):  # a fixed linear "decoder", so the pixel term depends on the mean
+        return F.interpolate(torch.einsum("oc,bchw->bohw", mix, z), scale_factor=8, mode="nearest")
+
+    def grad(loss):
+        return torch.autograd.grad(loss, mean, retain_graph=True)[0].norm()
+
+    recon = decode(mean)
+    ldm_nll = (x - recon).abs().sum() / b
+    ldm_kl = (0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar)).sum() / b
+    ldm_ratio = grad(kl_weight * ldm_kl) / grad(ldm_nll)
+    inp = inputs(real=x, target=x, recon=recon, mean=mean, logvar=logvar)
+    ours = grad(KL(weight=kl_weight).weight * KL()(inp)) / grad(L1(target="real")(inp))
+    assert 0.5 < float(ours / ldm_ratio) < 2.0
+    # latent-diffusion's raw sum next to a mean pixel term is 3*H*W times stronger: what this replaced
+    raw = grad(kl_weight * KL(reduction="sum")(inp)) / grad(L1(target="real")(inp))
+    assert float(raw / ldm_ratio) == pytest.approx(3 * size * size, rel=1e-3)
 
 
 def test_latent_mse():

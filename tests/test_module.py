@@ -14,7 +14,12 @@ from vaetrain.data import ImageDataModule
 from vaetrain.losses import KL, MSE, Adversarial, LossTerm
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.patchgan import NLayerDiscriminator
-from vaetrain.engine.module import EMA, NonFiniteLossError, VAETrainModule, WarmupCosine, select_parameters
+from vaetrain.engine.callbacks import DataStats
+from vaetrain.engine.ema import EMA
+from vaetrain.engine.guards import NonFiniteLossError
+from vaetrain.engine.module import VAETrainModule
+from vaetrain.engine.params import select_parameters
+from vaetrain.engine.schedule import WarmupCosine
 
 
 def tiny_kl(**kw):
@@ -193,7 +198,7 @@ def test_logged_total_is_the_optimised_total(tmp_path):
     m = VAETrainModule(tiny_kl(), losses={"mse": MSE(target="real", weight=2.0), "kl": KL(weight=1e-3)},
                        adversarial=adv, ema_decay=None)
     logger = CSVLogger(str(tmp_path), name="", version="")
-    fit(m, steps=2, tmp_path=tmp_path, logger=logger, log_every_n_steps=1)
+    fit(m, steps=2, tmp_path=tmp_path, logger=logger, log_every_n_steps=1, callbacks=[DataStats()])
     rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/total")]
     assert len(rows) == 2
     for r in rows:
@@ -210,9 +215,9 @@ def test_logged_total_is_the_optimised_total(tmp_path):
 def test_bf16_teacher_gives_float_targets():
     teacher = tiny_kl()
     m = VAETrainModule(tiny_kl(), teacher=teacher, losses={"mse": MSE()}, teacher_dtype="bfloat16", ema_decay=None)
-    m._move_teachers()
+    m.teachers[0].to(torch.device("cpu"))
     assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
-    inp = m.forward_batch({"image": torch.rand(2, 3, 32, 32) * 2 - 1})
+    inp = m.forward_mode(m.student, {"image": torch.rand(2, 3, 32, 32) * 2 - 1}, m.setup_, True)
     assert inp.target.dtype == torch.float32 and inp.z_target.dtype == torch.float32
     assert inp.recon.dtype == torch.float32 and inp.mean is not None and inp.logvar is not None
     with pytest.raises(ValueError, match="teacher_dtype"):

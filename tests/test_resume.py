@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from vaetrain.engine.callbacks import Checkpoint
+from vaetrain.engine.checkpoints import Checkpoint
 from vaetrain.data import ImageDataModule
 from vaetrain.losses import KL, MSE, Adversarial
 from vaetrain.models.autoencoder_kl import AutoencoderKL

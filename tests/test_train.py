@@ -13,7 +13,8 @@ import lightning as L
 import pytest
 import torch
 
-from vaetrain.engine.callbacks import AtomicCheckpointIO, Checkpoint, Preemption
+from vaetrain.engine.callbacks import Preemption
+from vaetrain.engine.checkpoints import AtomicCheckpointIO, Checkpoint
 from vaetrain.data import ImageDataModule
 from vaetrain.losses import KL, MSE, Adversarial, LatentMSE
 from vaetrain.formats import load_autoencoder

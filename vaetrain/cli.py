@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from lightning.fabric.utilities.seed import seed_everything
+
 from vaetrain.safe import UserError
 
 # name -> (config name, positional argument keys; "+" marks one that takes all remaining positionals)
@@ -114,6 +116,9 @@ def run(command: str, argv: list[str]):
         target = get_method(cfg._target_)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         args = OmegaConf.create({k: v for k, v in resolved.items() if k != "_target_"})
+        if "seed" in resolved:
+            # before anything is built: the student's and discriminator's initial weights come from the seed
+            seed_everything(int(resolved["seed"]), workers=True, verbose=False)
         kwargs = instantiate(args, _convert_="all")
     except InstantiationException as e:
         if e.__cause__ is not None and not isinstance(e.__cause__, (HydraException, OmegaConfBaseException)):

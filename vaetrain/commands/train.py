@@ -25,7 +25,6 @@ next epoch's data order.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import time
 import warnings
@@ -34,14 +33,19 @@ from typing import Any, Callable, Mapping
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
+import torch
 from torch import nn
 
-from vaetrain.engine.callbacks import AtomicCheckpointIO, Preemption, shield_loader_workers
-from vaetrain.engine.module import NonFiniteLossError, VAETrainModule
+from vaetrain.engine.callbacks import ImageGrid, Preemption, shield_loader_workers
+from vaetrain.engine.checkpoints import AtomicCheckpointIO
+from vaetrain.engine.guards import NonFiniteLossError
+from vaetrain.engine.module import VAETrainModule
 from vaetrain.formats import save_autoencoder
 from vaetrain.formats.io import CheckpointError, write_safetensors
 from vaetrain.models.base import Autoencoder
+from vaetrain.safe import UserError, atomic_write_json
 
 # set by rank 0 before Lightning starts the other local ranks (which re-run the command), so that every
 # rank writes into the same run folder even when it is named after the clock
@@ -73,14 +77,51 @@ def _build(obj: Any, run_dir: Path) -> Any:
     return obj() if hasattr(obj, "func") else obj
 
 
-def _strategy(trainer_kwargs: dict, adversarial: nn.Module | None):
+# the DDP strategies Lightning may pick (or be told to use), with their process start methods
+_DDP_START = {"auto": "popen", "ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork",
+              "ddp_find_unused_parameters_true": "popen", "ddp_find_unused_parameters_false": "popen"}
+
+
+def _processes(trainer_kwargs: Mapping) -> int:
+    """How many training processes the trainer settings ask for (devices x nodes)."""
+    devices, accel = trainer_kwargs.get("devices", "auto"), str(trainer_kwargs.get("accelerator", "auto"))
+    if isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif str(devices) in ("-1", "auto"):
+        n = torch.cuda.device_count() if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
+    elif isinstance(devices, str) and "," in devices:
+        n = len([d for d in devices.split(",") if d.strip()])
+    else:
+        n = int(devices)
+    return n * int(trainer_kwargs.get("num_nodes", 1) or 1)
+
+
+def resolve_strategy(trainer_kwargs: Mapping, gan: bool):
+    """Any multi-process DDP strategy (including ``auto`` with several devices) as a ``DDPStrategy`` that
+    knows about the GAN: the G backward leaves the frozen discriminator without gradients and the D backward
+    leaves the student without, so DDP must allow unused parameters then (and only then: the search costs a
+    graph traversal per backward). Gradients live in DDP's buckets (``gradient_as_bucket_view``: no copy)."""
     strategy = trainer_kwargs.get("strategy", "auto")
-    if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn"):
-        # the G backward leaves the (frozen) discriminator without gradients and the D backward leaves
-        # the student without: DDP must be told that parameters can go unused in a backward
-        return DDPStrategy(start_method="spawn" if strategy == "ddp_spawn" else "popen",
-                           find_unused_parameters=adversarial is not None)
-    return strategy
+    if not isinstance(strategy, str) or strategy not in _DDP_START or _processes(trainer_kwargs) <= 1:
+        return strategy
+    return DDPStrategy(start_method=_DDP_START[strategy], find_unused_parameters=gan, gradient_as_bucket_view=True)
+
+
+def manual_optimisation_options(trainer_kwargs: dict, opts: dict) -> None:
+    """Lightning's own clipping and accumulation do not run under manual optimisation (it raises): map them
+    onto the module's ``grad_clip`` / ``accumulate``, saying so, or refuse what the module cannot do."""
+    algo = trainer_kwargs.pop("gradient_clip_algorithm", None)
+    clip = trainer_kwargs.pop("gradient_clip_val", None)
+    acc = trainer_kwargs.pop("accumulate_grad_batches", None)
+    if algo not in (None, "norm"):
+        raise UserError(f"trainer.gradient_clip_algorithm={algo}: vaetrain clips by norm only; set module.grad_clip "
+                        f"(max gradient norm) instead")
+    if clip is not None:
+        opts["grad_clip"] = float(clip) or None
+        print(f"vaetrain train: trainer.gradient_clip_val={clip} applied as module.grad_clip", flush=True)
+    if acc not in (None, 1):
+        opts["accumulate"] = int(acc)
+        print(f"vaetrain train: trainer.accumulate_grad_batches={acc} applied as module.accumulate", flush=True)
 
 
 def find_resume(resume: str | None, run_dir: Path) -> str | None:
@@ -155,6 +196,7 @@ def train(
     trainer_kwargs = dict(trainer or {})
     max_steps = int(trainer_kwargs.get("max_steps", -1))
     opts = dict(module or {})
+    manual_optimisation_options(trainer_kwargs, opts)
     if opts.get("total_steps") is None and max_steps > 0:
         opts["total_steps"] = max_steps
     if isinstance(losses, (list, tuple)):
@@ -183,7 +225,7 @@ def train(
     cbs = [cb for cb in (_build(v, run_dir) for v in (callbacks or {}).values()) if cb is not None]
     if any(isinstance(cb, Preemption) for cb in cbs):
         shield_loader_workers(datamodule)
-    trainer_kwargs["strategy"] = _strategy(trainer_kwargs, adversarial)
+    trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs, adversarial is not None)
     trainer_kwargs.setdefault("default_root_dir", str(run_dir))
     trainer_kwargs.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in cbs))
     plugins = list(trainer_kwargs.pop("plugins", None) or []) + [AtomicCheckpointIO()]
@@ -192,7 +234,9 @@ def train(
     ckpt_path = find_resume(resume, run_dir)
     if pl_trainer.is_global_zero:
         if config is not None:
-            (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            atomic_write_json(run_dir / "config.json", config)
+            for lg in loggers:  # wandb's run config, the CSV logger's hparams.yaml
+                lg.log_hyperparams(config)
         print(f"vaetrain train: mode={mode}, run folder {run_dir}"
               + (f", resuming from {ckpt_path}" if ckpt_path else ""), flush=True)
     t0 = time.time()
@@ -211,7 +255,7 @@ def train(
                              f"{' '.join(str(e).split())[:300]}") from None
         raise
 
-    preempt = next((c for c in cbs if type(c).__name__ == "Preemption"), None)
+    preempt = next((c for c in cbs if isinstance(c, Preemption)), None)
     preempted = preempt is not None and preempt.saved_to is not None
     ckpt_cb = next((c for c in cbs if isinstance(c, ModelCheckpoint)), None)
     last = Path(ckpt_cb.dirpath) / "last.ckpt" if ckpt_cb is not None and ckpt_cb.dirpath else None
@@ -228,18 +272,17 @@ def train(
     if export and not preempted:
         result["exports"] = export_model(pl_module.eval_model(), run_dir / "export", list(export))
     for lg in loggers:
-        name = type(lg).__name__
-        if name == "CSVLogger":
+        if isinstance(lg, CSVLogger):
             result["logs"]["csv"] = str(Path(lg.log_dir) / "metrics.csv")
-        elif name == "WandbLogger":
+        elif isinstance(lg, WandbLogger):
             exp = lg.experiment
             result["logs"]["wandb"] = str(getattr(exp, "dir", None) and Path(exp.dir).parent)
-    grid = next((c for c in cbs if type(c).__name__ == "ImageGrid"), None)
+    grid = next((c for c in cbs if isinstance(c, ImageGrid)), None)
     if grid is not None and grid.last is not None:
         result["images"] = str(grid.last.parent)
     metrics = {k: round(float(v), 4) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")}
     result["val"] = metrics
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(run_dir / "result.json", result)
     _finish_wandb(loggers, exit_code=0)
     _print_summary(result)
     return result
@@ -248,7 +291,7 @@ def train(
 def _finish_wandb(loggers: list, exit_code: int) -> None:
     """Close this run's wandb run (Lightning leaves it open until the process exits)."""
     for lg in loggers:
-        run = getattr(lg, "_experiment", None) if type(lg).__name__ == "WandbLogger" else None
+        run = getattr(lg, "_experiment", None) if isinstance(lg, WandbLogger) else None
         if run is not None and hasattr(run, "finish"):
             run.finish(exit_code=exit_code)
 

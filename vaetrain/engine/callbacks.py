@@ -1,54 +1,24 @@
-"""Lightning plumbing around ``VAETrainModule``: atomic checkpoints, pre-emption, image grids, throughput."""
+"""Lightning callbacks around ``VAETrainModule``: pre-emption, labelled image grids, throughput, data statistics."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from vaetrain.convention import model_to_uint8
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file in the target folder, fsync, then ``os.replace``.
-
-    A crash or kill during the write leaves the previous checkpoint of that name untouched (and no
-    partial file under the final name).
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-class Checkpoint(ModelCheckpoint):
-    """Every ``every_n_steps`` generator steps (``step=NNNNNNN.ckpt``, newest ``keep`` kept) and ``last.ckpt``."""
-
-    def __init__(self, run_dir: str, every_n_steps: int = 500, keep: int = 2):
-        super().__init__(dirpath=str(Path(run_dir) / "checkpoints"), filename="step={step:07d}",
-                         auto_insert_metric_name=False, every_n_train_steps=every_n_steps, save_top_k=keep,
-                         monitor="step", mode="max", save_last=True)
+from vaetrain.safe import atomic_write
 
 
 class Preemption(L.Callback):
@@ -69,8 +39,6 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # after Lightning's own handlers are installed, so ours replaces them for the run
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return
         for name in self.signals:
@@ -79,6 +47,10 @@ class Preemption(L.Callback):
                 self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # only between optimizer steps: a checkpoint inside an accumulation window would hold the effect of
+        # half-accumulated gradients that a resumed run cannot reproduce (every rank is at the same micro-batch)
+        if not getattr(pl_module, "at_step_boundary", True):
+            return
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -134,30 +106,60 @@ def shield_loader_workers(datamodule) -> None:
 
 
 class ImageGrid(L.Callback):
-    """Saves the validation grid (rows: images; columns: input | teacher | student) as a PNG in
-    ``<run_dir>/images`` and logs it to every logger that takes images (wandb)."""
+    """Saves the validation grid as a PNG in ``<run_dir>/images`` (rows: images; labelled columns: photo |
+    teacher | student; small images upscaled by pixel repetition to at least ``min_tile`` pixels, so 32 px
+    validation images can be judged) and logs it to every logger that takes images (wandb)."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, min_tile: int = 128):
         self.dir = Path(run_dir) / "images"
+        self.min_tile = min_tile
         self.last: Path | None = None
+
+    def render(self, cols: dict[str, torch.Tensor]) -> Image.Image:
+        """``cols``: label -> (k, 3, H, W) images in [-1, 1] -> one labelled PIL image."""
+        h = max(max(c.shape[-2] for c in cols.values()), self.min_tile)
+        tiles = {}
+        for name, c in cols.items():
+            rep = max(1, round(h / c.shape[-2]))
+            c = c.repeat_interleave(rep, -2).repeat_interleave(rep, -1) if rep > 1 else c
+            if c.shape[-2] != h:
+                c = torch.nn.functional.interpolate(c, size=(h, h * c.shape[-1] // c.shape[-2]), mode="nearest")
+            tiles[name] = c
+        rows = torch.cat([torch.cat(list(r), dim=-1) for r in zip(*tiles.values())], dim=-2)  # (3, k*H, n*W)
+        body = Image.fromarray(model_to_uint8(rows).permute(1, 2, 0).numpy())  # (k*H, n*W, 3)
+        header = 16
+        out = Image.new("RGB", (body.width, body.height + header), (255, 255, 255))
+        out.paste(body, (0, header))
+        draw, x = ImageDraw.Draw(out), 0
+        for name, c in tiles.items():
+            draw.text((x + 4, 2), name, fill=(0, 0, 0))
+            x += c.shape[-1]
+        return out
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.is_global_zero or not isinstance(outputs, dict) or "grid" not in outputs:
             return
-        cols = outputs["grid"]
-        h = min(c.shape[-2] for c in cols)
-        cols = [torch.nn.functional.interpolate(c, size=(h, h * c.shape[-1] // c.shape[-2]), mode="nearest")
-                if c.shape[-2] != h else c for c in cols]
-        rows = torch.cat([torch.cat(list(r), dim=-1) for r in zip(*cols)], dim=-2)  # (3, k*H, n_cols*W)
-        arr = model_to_uint8(rows).permute(1, 2, 0).numpy()  # (k*H, n_cols*W, 3)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        img = self.render(outputs["grid"])
         path = self.dir / f"val_step{trainer.global_step:07d}.png"
-        Image.fromarray(arr).save(path)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        atomic_write(path, buf.getvalue())
         self.last = path
         for lg in trainer.loggers:
             if hasattr(lg, "log_image"):
                 lg.log_image(key="val/grid", images=[str(path)], step=trainer.global_step,
-                             caption=["input | teacher | student"])
+                             caption=[" | ".join(outputs["grid"])])
+
+
+class DataStats(L.Callback):
+    """Logs the data module's skip statistics (``skip_stats()``: samples delivered, skips per reason)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = getattr(trainer.datamodule, "skip_stats", None)
+        if not callable(stats) or (trainer.global_step % max(trainer.log_every_n_steps, 1)):
+            return
+        pl_module.log_dict({f"data/{k}" if k == "samples" else f"data/skipped_{k}": float(v)
+                            for k, v in (stats() or {}).items()}, on_step=True, on_epoch=False, batch_size=1)
 
 
 class Throughput(L.Callback):

@@ -77,8 +77,19 @@ class Adversarial(nn.Module):
         self.adaptive, self.conditional, self.max_adaptive, self.real = adaptive, conditional, float(max_adaptive), real
         self.name = "adversarial"
 
-    def active(self, step: int) -> bool:
+    @property
+    def d_start_step(self) -> int:
+        return self.start_step
+
+    def d_active(self, step: int) -> bool:
+        """The D step runs."""
+        return step >= self.d_start_step
+
+    def g_active(self, step: int) -> bool:
+        """The adversarial term enters the generator's loss."""
         return step >= self.start_step
+
+    active = g_active
 
     def _logits(self, x: Tensor, cond: Tensor | None) -> Tensor:
         out = self.discriminator(x, cond) if self.conditional else self.discriminator(x)

@@ -21,6 +21,7 @@ class LossInputs:
     real: Tensor | None  # ground-truth image
     target: Tensor | None  # what the student should reproduce (teacher decode or real)
     recon: Tensor | None  # the student's output image
+    teacher: Tensor | None = None  # the teacher's image for this batch (reference for *_teacher metrics), if any
     z_target: Tensor | None = None  # teacher latents (diffusion space)
     z_pred: Tensor | None = None  # student latents (encoder distillation / interposer output)
     mean: Tensor | None = None  # student raw posterior mean (KL)

@@ -12,16 +12,43 @@ from vaetrain.losses.base import LossInputs, LossTerm, fp32, need
 
 
 class KL(LossTerm):
-    """KL(N(mean, exp(logvar)) || N(0, 1)) summed over C, H, W and averaged over the batch (latent-diffusion)."""
+    """KL(N(mean, exp(logvar)) || N(0, 1)) of the student's posterior, summed over the latent's C, h, w.
+
+    ``reduction`` says what that sum is divided by:
+
+    - ``"image_mean"`` (default): the batch size times the IMAGE's element count (3 H W), the units of
+      vaetrain's pixel terms, which are means over every image element. latent-diffusion / sgm sum their
+      pixel NLL over C, H, W and divide only by the batch, like their KL: dividing both by 3 H W keeps their
+      ratio, so a weight copied from them (kl-f8: 1e-6) pulls exactly as hard here as it did there.
+    - ``"sum"``: the batch size only (latent-diffusion's own number). Next to mean pixel losses its weight
+      is 3 H W times stronger (196,608x at 256 px): use it only with summed pixel terms.
+    """
 
     name = "kl"
+    REDUCTIONS = ("image_mean", "sum")
+
+    def __init__(self, weight: float = 1.0, reduction: str = "image_mean", name: str | None = None):
+        super().__init__(weight, name)
+        if reduction not in self.REDUCTIONS:
+            raise ValueError(f"KL: reduction={reduction!r} must be one of {self.REDUCTIONS}")
+        self.reduction = reduction
 
     def forward(self, inp: LossInputs) -> Tensor:
         mean, logvar = need(inp, "KL", "mean", "logvar")
         with fp32(mean.device):
             mean, logvar = mean.float(), logvar.float().clamp(-30.0, 20.0)
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, C, h, w)
-            return kl.flatten(1).sum(1).mean()
+            per_image = kl.flatten(1).sum(1)  # (B,)
+            if self.reduction == "image_mean":
+                image = next((t for t in (inp.recon, inp.real) if t is not None), None)
+                if image is None:
+                    raise ValueError("KL: reduction='image_mean' needs the image (LossInputs.recon or .real) for its "
+                                     "element count; use reduction='sum'")
+                per_image = per_image / image[0].numel()
+            return per_image.mean()
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, reduction={self.reduction!r}"
 
 
 class LatentMSE(LossTerm):

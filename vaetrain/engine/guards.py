@@ -1,0 +1,74 @@
+"""Guards of the training step: gradient norms, the all-rank non-finite vote, and replica checksums.
+
+All of it works on device tensors (foreach kernels); the only host sync is the one boolean decision per
+optimizer step (``StepGuard.decide``), taken identically on every rank so that no rank steps alone
+(one rank skipping while the others step would hang DDP at the next all-reduce).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses or gradients in a row: the run cannot recover by skipping steps."""
+
+
+def grads_of(params: Iterable[nn.Parameter]) -> list[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def total_norm(grads: list[Tensor], device: torch.device) -> Tensor:
+    """The global L2 norm of ``grads`` (fp32, on device; 0 for none), one foreach kernel."""
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).float()
+
+
+def all_finite(values: list[Tensor], device: torch.device) -> Tensor:
+    """A 0-dim bool tensor: every value in every tensor is finite (their joint norm is; no host sync)."""
+    if not values:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.isfinite(torch.nn.utils.get_total_norm(values, 2.0, foreach=True))
+
+
+class StepGuard:
+    """Counts non-finite steps and decides, once per optimizer step and for all ranks, whether to skip."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.total = 0
+        self.in_a_row = 0
+
+    def decide(self, finite: Tensor, reduce) -> bool:
+        """``finite``: this rank's 0-dim flag; ``reduce(t)`` sums over ranks. True: skip this step everywhere."""
+        bad = reduce((~finite).float())  # the one host sync of the step
+        skip = bool(bad > 0)
+        if skip:
+            self.total += 1
+            self.in_a_row += 1
+        else:
+            self.in_a_row = 0
+        return skip
+
+    def check(self, step: int, what: str) -> None:
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteLossError(
+                f"stopped at step {step}: {self.in_a_row} non-finite losses/gradients in a row ({what}); lower the "
+                f"learning rate, enable module.grad_clip, or check the data and module.teacher_dtype")
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.in_a_row = int(state.get("total", 0)), int(state.get("in_a_row", 0))
+
+
+def checksum(module: nn.Module) -> Tensor:
+    """A float64 sum of every parameter: equal on every DDP replica unless they diverged."""
+    with torch.no_grad():
+        params = [p.detach().double().sum() for p in module.parameters()]
+    return torch.stack(params).sum() if params else torch.zeros((), dtype=torch.float64)
