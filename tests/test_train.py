@@ -23,6 +23,7 @@ from vaetrain.models.interposer import LatentInterposer
 from vaetrain.models.patchgan import NLayerDiscriminator
 from vaetrain.models.taesd import TAESD
 from vaetrain.commands.train import train
+from vaetrain.safe import UserError
 
 
 def kl(f=2, seed=0, **kw):
@@ -225,7 +226,7 @@ def test_default_job_without_the_shared_assets_says_what_to_do(tmp_path, monkeyp
 
 
 def test_resume_errors_are_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint there"):
+    with pytest.raises(UserError, match="no checkpoint there"):
         train(kl(f=2), data(), loss={"mse": MSE()}, trainer=TRAINER, run_dir=str(tmp_path / "r"),
               resume=str(tmp_path / "missing.ckpt"), export=None)
     kw = dict(loss={"mse": MSE()}, trainer={**TRAINER, "max_steps": 1, "limit_val_batches": 0},

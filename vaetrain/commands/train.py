@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from vaetrain.engine.callbacks import ImageGrid, Preemption, shield_loader_workers
-from vaetrain.engine.checkpoints import AtomicCheckpointIO
+from vaetrain.engine.checkpoints import AtomicCheckpointIO, checkpoint_position, find_resume, remove_stale_fragments
 from vaetrain.engine.guards import NonFiniteLossError
 from vaetrain.engine.module import VAETrainModule
 from vaetrain.formats import save_autoencoder
@@ -61,8 +61,9 @@ def _resolve_run_dir(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def _build(obj: Any, run_dir: Path) -> Any:
-    """Loggers and callbacks arrive as objects or as ``_partial_`` factories that want the run folder."""
+def _build(obj: Any, run_dir: Path, resume_at: int | None = None) -> Any:
+    """Loggers and callbacks arrive as objects or as ``_partial_`` factories that want the run folder (and, for
+    the loggers that keep their history across resumes, the batch position resumed from)."""
     if obj is None or not callable(obj) or isinstance(obj, nn.Module):
         return obj
     fn = getattr(obj, "func", obj)
@@ -70,10 +71,11 @@ def _build(obj: Any, run_dir: Path) -> Any:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return obj
+    extra = {"resume_at": resume_at} if "resume_at" in params else {}
     if "run_dir" in params:
-        return obj(run_dir=str(run_dir))
+        return obj(run_dir=str(run_dir), **extra)
     if "save_dir" in params:
-        return obj(save_dir=str(run_dir))
+        return obj(save_dir=str(run_dir), **extra)
     return obj() if hasattr(obj, "func") else obj
 
 
@@ -122,21 +124,6 @@ def manual_optimisation_options(trainer_kwargs: dict, opts: dict) -> None:
     if acc not in (None, 1):
         opts["accumulate"] = int(acc)
         print(f"vaetrain train: trainer.accumulate_grad_batches={acc} applied as module.accumulate", flush=True)
-
-
-def find_resume(resume: str | None, run_dir: Path) -> str | None:
-    """``resume``: None (fresh), "auto" (``<run_dir>/checkpoints/last.ckpt`` when it exists) or a path."""
-    if resume in (None, "", False):
-        return None
-    if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
-    if not path.is_file():
-        raise SystemExit(f"vaetrain train: resume={resume}: no checkpoint there (expected a .ckpt file or a run folder)")
-    return str(path)
 
 
 def export_model(model: nn.Module, out_dir: Path, formats: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -221,7 +208,9 @@ def train(
     if hasattr(datamodule, "expect_teacher") and getattr(datamodule, "source", None) == "cached" and teacher is not None:
         datamodule.expect_teacher(teacher, teacher_b)
 
-    loggers = [lg for lg in (_build(v, run_dir) for v in (logger or {}).values()) if lg is not None]
+    ckpt_path = find_resume(resume, run_dir)
+    resume_at = checkpoint_position(ckpt_path)[1] if ckpt_path else None
+    loggers = [lg for lg in (_build(v, run_dir, resume_at) for v in (logger or {}).values()) if lg is not None]
     cbs = [cb for cb in (_build(v, run_dir) for v in (callbacks or {}).values()) if cb is not None]
     if any(isinstance(cb, Preemption) for cb in cbs):
         shield_loader_workers(datamodule)
@@ -231,8 +220,9 @@ def train(
     plugins = list(trainer_kwargs.pop("plugins", None) or []) + [AtomicCheckpointIO()]
     pl_trainer = L.Trainer(logger=loggers or False, callbacks=cbs, plugins=plugins, **trainer_kwargs)
 
-    ckpt_path = find_resume(resume, run_dir)
     if pl_trainer.is_global_zero:
+        for p in remove_stale_fragments(run_dir / "checkpoints") + remove_stale_fragments(run_dir):
+            print(f"vaetrain train: removed {p.name}, a fragment of a killed save", flush=True)
         if config is not None:
             atomic_write_json(run_dir / "config.json", config)
             for lg in loggers:  # wandb's run config, the CSV logger's hparams.yaml

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -49,23 +50,35 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises several error types for bad headers
             if path.suffix == ".safetensors":
                 raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+    obj = load_torch(path)
+    return flatten_state_dict(obj, path)
+
+
+def load_torch(path: str | os.PathLike, mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` with one-line errors: the single reader of every torch pickle
+    vaetrain opens (model files and training checkpoints). A pickle that would build arbitrary objects is
+    refused with the name of the global it wanted, never with advice to turn the safety off."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: file is empty (a killed write? use an older checkpoint)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         msg = _one_line(e)
         # torch wraps every weights_only failure in the same boilerplate; the reason follows this marker
         msg = msg.split("WeightsUnpickler error:")[-1].strip()
-        if "Unsupported global" in msg or "GLOBAL" in msg:
+        wanted = re.search(r"GLOBAL ([\w.]+)", msg)
+        if wanted or "Unsupported global" in msg:
             raise CheckpointError(
-                f"{path}: refused to unpickle: it holds objects other than tensors, which could run code "
-                f"({msg[:200]}); convert it to safetensors with a trusted tool first"
-            ) from None
+                f"{path}: refused to unpickle: it holds objects other than tensors ({wanted[1] if wanted else 'a global'}), "
+                f"which could run code; only open it if you made it, and convert it to safetensors first") from None
         raise CheckpointError(f"{path}: not a checkpoint ({msg[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_one_line(e)[:200]})") from None
     except Exception as e:  # the weights_only unpickler fails on arbitrary bytes with IndexError, KeyError, ...
         raise CheckpointError(f"{path}: not a checkpoint ({type(e).__name__}: {_one_line(e)[:200]})") from None
-    return flatten_state_dict(obj, path)
 
 
 def flatten_state_dict(obj, path: str | os.PathLike = "<memory>") -> dict[str, torch.Tensor]:
