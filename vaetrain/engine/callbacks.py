@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from vaetrain.convention import model_to_uint8
+from vaetrain.engine.performance import StepFlops, device_peak_flops
 from vaetrain.safe import atomic_write
 
 
@@ -163,24 +164,45 @@ class DataStats(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Images per second over the training steps (excluding validation), logged and on the progress bar."""
+    """Images per second and model FLOP utilisation over the training steps (validation excluded).
 
-    def __init__(self, window: int = 20):
-        self.window = window
+    The FLOPs of one real step (student, teacher, loss nets, discriminator, forward and backward) are counted
+    once, at batch ``count_flops_at`` (after warm-up), with ``torch.utils.flop_counter``; MFU is those FLOPs per
+    second of step time over the device's dense bf16 peak (``peak_flops``, else a table of known GPUs; none
+    on CPU unless given). Logged every ``trainer.log_every_n_steps`` steps."""
+
+    def __init__(self, window: int = 20, count_flops_at: int | None = 2, peak_flops: float | None = None):
+        self.window, self.count_flops_at, self.peak_flops = window, count_flops_at, peak_flops
+        self.flops = StepFlops()
         self._times: list[tuple[float, int]] = []
+        self._batches = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._batches == self.count_flops_at:
+            self.flops.start()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        img = batch.get("image") if isinstance(batch, dict) else None
-        n = int(img.shape[0]) if isinstance(img, torch.Tensor) else 0
-        self._times = (self._times + [(time.perf_counter() - self._t0, n)])[-self.window:]
+        dt = time.perf_counter() - self._t0
+        counting = self._batches == self.count_flops_at
+        self._batches += 1
+        if counting:  # the counted step ran slower: keep it out of the timing
+            self.flops.stop()
+            return
+        first = next((v for k, v in batch.items() if k in ("image", "latent") and isinstance(v, torch.Tensor)), None)
+        n = int(first.shape[0]) if first is not None else 0
+        self._times = (self._times + [(dt, n)])[-self.window:]
         secs = sum(t for t, _ in self._times)
-        if secs > 0:
-            ips = sum(n for _, n in self._times) * trainer.world_size / secs
-            pl_module.log("train/images_per_s", ips, on_step=True, prog_bar=True, batch_size=max(n, 1),
-                          rank_zero_only=True)
+        if secs <= 0 or trainer.global_step % max(trainer.log_every_n_steps, 1):
+            return
+        logs = {"train/images_per_s": sum(n for _, n in self._times) * trainer.world_size / secs}
+        if self.flops.flops:
+            per_s = self.flops.flops * len(self._times) / secs  # per device
+            logs["train/tflops_per_s"] = per_s / 1e12
+            peak = self.peak_flops or device_peak_flops(pl_module.device)
+            if peak:
+                logs["train/mfu"] = per_s / peak
+        pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=max(n, 1), rank_zero_only=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._times = []

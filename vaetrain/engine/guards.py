@@ -36,35 +36,56 @@ def all_finite(values: list[Tensor], device: torch.device) -> Tensor:
 
 
 class StepGuard:
-    """Counts non-finite steps and decides, once per optimizer step and for all ranks, whether to skip."""
+    """Counts non-finite steps and decides whether to skip: on the host (``decide``: one read of an all-rank
+    flag) or on the device (``record``: counters stay on the device until ``total`` / ``check`` read them)."""
 
     def __init__(self, max_in_a_row: int):
         self.max_in_a_row = max_in_a_row
-        self.total = 0
-        self.in_a_row = 0
+        self._total, self._run = 0, 0
+        self._dev: tuple[Tensor, Tensor] | None = None  # (total, run) since the last read, on the device
 
     def decide(self, finite: Tensor, reduce) -> bool:
         """``finite``: this rank's 0-dim flag; ``reduce(t)`` sums over ranks. True: skip this step everywhere."""
-        bad = reduce((~finite).float())  # the one host sync of the step
-        skip = bool(bad > 0)
-        if skip:
-            self.total += 1
-            self.in_a_row += 1
-        else:
-            self.in_a_row = 0
+        skip = bool(reduce((~finite).float()) > 0)  # the one host sync of the step
+        self._fold()
+        self._total += skip
+        self._run = self._run + 1 if skip else 0
         return skip
 
+    def record(self, finite: Tensor) -> None:
+        """Count a step whose skip was decided on the device (no host sync)."""
+        bad = (~finite).to(torch.int64)
+        if self._dev is None:
+            self._dev = (torch.zeros((), dtype=torch.int64, device=bad.device),
+                         torch.full((), self._run, dtype=torch.int64, device=bad.device))
+        total, run = self._dev
+        total.add_(bad)
+        run.add_(bad).mul_(bad)  # consecutive bad steps; 0 after a good one
+
+    def _fold(self) -> None:
+        if self._dev is not None:
+            total, run = self._dev
+            self._total, self._run, self._dev = self._total + int(total), int(run), None
+
+    @property
+    def total(self) -> int:
+        self._fold()
+        return self._total
+
     def check(self, step: int, what: str) -> None:
-        if self.in_a_row >= self.max_in_a_row:
+        self._fold()
+        if self._run >= self.max_in_a_row:
             raise NonFiniteLossError(
-                f"stopped at step {step}: {self.in_a_row} non-finite losses/gradients in a row ({what}); lower the "
+                f"stopped at step {step}: {self._run} non-finite losses/gradients in a row ({what}); lower the "
                 f"learning rate, enable module.grad_clip, or check the data and module.teacher_dtype")
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "in_a_row": self.in_a_row}
+        self._fold()
+        return {"total": self._total, "in_a_row": self._run}
 
     def load_state_dict(self, state: dict) -> None:
-        self.total, self.in_a_row = int(state.get("total", 0)), int(state.get("in_a_row", 0))
+        self._dev = None
+        self._total, self._run = int(state.get("total", 0)), int(state.get("in_a_row", 0))
 
 
 def checksum(module: nn.Module) -> Tensor:

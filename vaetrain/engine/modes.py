@@ -15,13 +15,13 @@ autocast they would silently be bf16).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vaetrain.convention import to_diffusion
+from vaetrain.convention import to_diffusion, uint8_to_model
 from vaetrain.losses import LossInputs
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -80,6 +80,24 @@ class Setup:
     sample_posterior: bool
     decode_latents: bool
     noise: Callable[[Tensor], Tensor]  # standard normal noise shaped like its argument, seeded per step
+
+
+def prepare_batch(batch: Any, channels_last: bool = False) -> dict:
+    """A loader batch on the device -> the engine's convention: uint8 images become [-1, 1] floats (done on the
+    device to save loader time), cached latents become fp32; optionally in channels-last memory order."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"batches must be dicts with an 'image' entry (got {type(batch).__name__})")
+    batch = dict(batch)
+    img = batch.get("image")
+    if img is not None:
+        batch["image"] = uint8_to_model(img) if img.dtype == torch.uint8 else img.float()
+    for k in ("latent", "latent_b", "logvar"):
+        if isinstance(batch.get(k), Tensor):
+            batch[k] = batch[k].float()
+    if channels_last:
+        batch.update({k: v.contiguous(memory_format=torch.channels_last) for k, v in batch.items()
+                      if isinstance(v, Tensor) and v.ndim == 4})
+    return batch
 
 
 def _latents(batch: Mapping, key: str, teacher: Teacher | None, real: Tensor | None, mode: str) -> Tensor:
@@ -160,6 +178,22 @@ def latent(model: nn.Module, batch: Mapping, s: Setup, train: bool) -> LossInput
         target = teacher = s.teacher_b.decode(z_target)
     return LossInputs(real=real, target=target, recon=recon, teacher=teacher, z_target=z_target, z_pred=z_pred,
                       cond=cond)
+
+
+def check_mode(mode: str, target: str, teacher, teacher_b, adversarial, decode_latents: bool, accumulate: int) -> None:
+    """What each mode needs, checked before anything runs (``ValueError`` with one line)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {tuple(MODES)}")
+    if target not in ("teacher", "real"):
+        raise ValueError(f"module.target={target!r}: use 'teacher' or 'real'")
+    if mode in ("decoder", "encoder") and teacher is None:
+        raise ValueError(f"mode={mode} distils a teacher: set teacher=... (e.g. teacher=taef2)")
+    if mode == "latent" and (teacher is None or teacher_b is None):
+        raise ValueError("mode=latent maps teacher A's latents to teacher B's: set teacher=... and teacher_b=...")
+    if accumulate < 1:
+        raise ValueError(f"module.accumulate={accumulate}: must be >= 1")
+    if adversarial is not None and mode in ("encoder", "latent") and not decode_latents:
+        raise ValueError(f"a discriminator judges images: mode={mode} needs module.decode_latents=true")
 
 
 MODES: dict[str, Callable[[nn.Module, Mapping, Setup, bool], LossInputs]] = {

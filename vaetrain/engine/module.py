@@ -17,24 +17,20 @@ gradients. The mode functions are in ``vaetrain.engine.modes``.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from vaetrain.convention import uint8_to_model
-from vaetrain.engine import rng
+from vaetrain.engine import optim, performance, rng, validation
 from vaetrain.engine.ema import EMA
-from vaetrain.engine.guards import StepGuard, all_finite, checksum, grads_of, total_norm
-from vaetrain.engine.modes import MODES, STUDENT_DECODES, Setup, Teacher, dtype_of
+from vaetrain.engine.guards import StepGuard, all_finite, checksum, grads_of
+from vaetrain.engine.modes import MODES, STUDENT_DECODES, Setup, Teacher, check_mode, dtype_of, prepare_batch
 from vaetrain.engine.params import default_frozen, fully_frozen_modules, select_parameters
-from vaetrain.engine.schedule import warmup_cosine
 from vaetrain.losses import LPIPS, LossInputs
-from vaetrain.metrics import psnr, ssim
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+from vaetrain.metrics import psnr
 
 
 def _detached(t: Tensor | None) -> Tensor | None:
@@ -49,26 +45,15 @@ class VAETrainModule(L.LightningModule):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, losses: Mapping | None = None,
                  adversarial: nn.Module | None = None, mode: str = "autoencode", teacher_b: nn.Module | None = None,
-                 optimizer: OptimizerFactory | None = None, d_optimizer: OptimizerFactory | None = None,
+                 optimizer: optim.OptimizerFactory | None = None, d_optimizer: optim.OptimizerFactory | None = None,
                  trainable: Sequence[str] | None = None, frozen: Sequence[str] | None = None,
                  teacher_dtype: str = "float32", target: str = "teacher", sample_posterior: bool = True,
                  decode_latents: bool = False, accumulate: int = 1, grad_clip: float | None = 1.0,
                  d_grad_clip: float | None = None, warmup_steps: int = 0, total_steps: int | None = None,
                  min_lr_ratio: float = 0.1, ema_decay: float | None = 0.999, max_nonfinite_in_a_row: int = 20,
-                 seed: int = 0, grid_images: int = 4):
+                 seed: int = 0, grid_images: int = 4, channels_last: bool = False, compile: str | None = None):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: use one of {tuple(MODES)}")
-        if target not in ("teacher", "real"):
-            raise ValueError(f"module.target={target!r}: use 'teacher' or 'real'")
-        if mode in ("decoder", "encoder") and teacher is None:
-            raise ValueError(f"mode={mode} distils a teacher: set teacher=... (e.g. teacher=taef2)")
-        if mode == "latent" and (teacher is None or teacher_b is None):
-            raise ValueError("mode=latent maps teacher A's latents to teacher B's: set teacher=... and teacher_b=...")
-        if accumulate < 1:
-            raise ValueError(f"module.accumulate={accumulate}: must be >= 1")
-        if adversarial is not None and mode in ("encoder", "latent") and not decode_latents:
-            raise ValueError(f"a discriminator judges images: mode={mode} needs module.decode_latents=true")
+        check_mode(mode, target, teacher, teacher_b, adversarial, decode_latents, accumulate)
         self.automatic_optimization = False
         self.mode, self.forward_mode = mode, MODES[mode]
         self.student = student
@@ -91,11 +76,12 @@ class VAETrainModule(L.LightningModule):
             if hasattr(term, "attach"):
                 term.attach(student)
         self.adversarial = adversarial
-        self._optimizer = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
-        self._d_optimizer = d_optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4, betas=(0.5, 0.9)))
+        self._optimizer = optimizer or optim.default_g_optimizer
+        self._d_optimizer = d_optimizer or optim.default_d_optimizer
         self.accumulate, self.grad_clip, self.d_grad_clip = accumulate, grad_clip, d_grad_clip
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
         self.seed, self.grid_images = seed, grid_images
+        self.channels_last, self.compile_backend = channels_last, compile
         self.guard = StepGuard(max_nonfinite_in_a_row)
         self._micro, self._window, self._norms = 0, [], {}
         self.config: dict | None = None  # the resolved run config, saved into checkpoints (set by the train command)
@@ -126,6 +112,13 @@ class VAETrainModule(L.LightningModule):
     def on_fit_start(self) -> None:
         for t in self.teachers:
             t.to(self.device)
+        if self.channels_last:
+            performance.to_channels_last([self.student, *(t.model for t in self.teachers),
+                                          *([self.ema] if self.ema is not None else []),
+                                          *([self.adversarial] if self.adversarial is not None else [])])
+        if self.compile_backend:
+            performance.compile_in_place(performance.compiled_parts(self.student, self.adversarial, self.losses),
+                                         self.compile_backend)
         if self.adversarial is not None and self.adversarial.adaptive and self._last_layer() is None:
             rank_zero_info(f"vaetrain: mode={self.mode}: the student's decoder does not produce the judged image, so "
                            f"the adaptive GAN weight is off; the adversarial term uses discriminator.weight as is")
@@ -135,16 +128,7 @@ class VAETrainModule(L.LightningModule):
             t.to(self.device)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not isinstance(batch, Mapping):
-            raise ValueError(f"batches must be dicts with an 'image' entry (got {type(batch).__name__})")
-        batch = dict(batch)
-        img = batch.get("image")
-        if img is not None:
-            batch["image"] = uint8_to_model(img) if img.dtype == torch.uint8 else img.float()
-        for k in ("latent", "latent_b", "logvar"):
-            if isinstance(batch.get(k), Tensor):
-                batch[k] = batch[k].float()
-        return batch
+        return prepare_batch(batch, self.channels_last)
 
     def state_dict(self, *args, **kwargs):
         # loss terms hold only frozen networks built from the config (LPIPS backbones): never checkpointed
@@ -193,29 +177,17 @@ class VAETrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self):
-        opt_g = self._optimizer([p for p in self.student.parameters() if p.requires_grad])
-        scheds = [warmup_cosine(opt_g, self.warmup_steps, self.total_steps, self.min_lr_ratio)]
-        if self.adversarial is None:
-            return [opt_g], scheds
-        opt_d = self._d_optimizer([p for p in self.adversarial.parameters() if p.requires_grad])
-        # D's schedule is in D steps, which start at its own start step: it spans the D steps the run will take
-        d_start = self.adversarial.d_start_step
-        d_total = None if self.total_steps is None else max(self.total_steps - d_start, 1)
-        scheds.append(warmup_cosine(opt_d, self.warmup_steps, d_total, self.min_lr_ratio))
-        return [opt_g, opt_d], scheds
+        return optim.build(self.student, self.adversarial, self._optimizer, self._d_optimizer, self.warmup_steps,
+                           self.total_steps, self.min_lr_ratio)
 
     def _scaler(self):
         """Lightning's GradScaler under ``16-mixed``; None otherwise."""
         return getattr(self.trainer.precision_plugin, "scaler", None)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Lightning calls this after unscaling (16-mixed): norms, clipping and their logs see the true gradients
+        # after Lightning unscaled the gradients (16-mixed): norms, clipping and their logs see the true values
         is_d = self.adversarial is not None and optimizer is self.trainer.optimizers[1]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = total_norm(grads_of(params), self.device)
-        clip = self.d_grad_clip if is_d else self.grad_clip
-        if clip:
-            torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=True)
+        norm = optim.norm_and_clip(optimizer, self.d_grad_clip if is_d else self.grad_clip, self.device)
         self._norms["train/d_grad_norm" if is_d else "train/grad_norm"] = norm
 
     # ------------------------------------------------------------------ training
@@ -255,34 +227,54 @@ class VAETrainModule(L.LightningModule):
         if boundary:
             self._micro = 0
             self._optimizer_step(opt_g, opt_d if d_on else None, step)
-            logs.update(self._norms, **{"train/lr": opt_g.param_groups[0]["lr"],
-                                         "train/nonfinite_skipped": float(self.guard.total)})
+            logs.update(self._norms)
             if (step + 1) % self.trainer.log_every_n_steps == 0:
-                logs.update(self._train_psnr(inp))  # uint8 PSNR only as often as it is logged
+                # host numbers and the uint8 PSNR only as often as they are logged: each would cost a sync (or a
+                # host-to-device copy) per step; the tensors above are read only when Lightning logs them
+                logs.update(self._train_psnr(inp), **{"train/lr": opt_g.param_groups[0]["lr"],
+                                                      "train/nonfinite_skipped": float(self.guard.total)})
         logs.update({f"train/{k}": v.detach() for k, v in values.items()}, **{"train/total": total.detach()})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=_batch_size(batch))
 
     def _optimizer_step(self, opt_g, opt_d, step: int) -> None:
         g_params = [p for p in self.student.parameters() if p.requires_grad]
         d_params = list(self.adversarial.parameters()) if opt_d is not None else []
-        finite = all_finite(self._window + grads_of(g_params) + grads_of(d_params), self.device)
+        # several processes: DDP has already all-reduced the gradients, so their finiteness is the same on every
+        # rank and the decision needs no collective of its own (a NaN loss anywhere gives NaN gradients everywhere)
+        losses = self._window if self.trainer.world_size == 1 else []
+        finite = all_finite(losses + grads_of(g_params) + grads_of(d_params), self.device)
         self._window = []
-        skip = self.guard.decide(finite, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
-        if not (skip and self._scaler() is None):
+        opts = [o for o in (opt_g, opt_d) if o is not None]
+        scaler = self._scaler()
+        if scaler is None and self.trainer.world_size == 1 and all(optim.skips_on_device(o.optimizer) for o in opts):
+            # no host sync at all: fused optimizers drop the update themselves where ``found_inf`` is set (what
+            # GradScaler uses), and the EMA follows on the device; the step still counts
+            self.guard.record(finite)
+            with optim.found_inf(opts, ~finite):
+                self._step(opt_g, opt_d)
+            if self.ema is not None:
+                self.ema.update(self.student, keep=finite)
+            if (step + 1) % self.trainer.log_every_n_steps == 0:
+                self.guard.check(step, "inf/NaN losses or gradients")
+        else:
+            skip = self.guard.decide(finite, lambda t: t)
             # with a GradScaler a non-finite step is an fp16 overflow: the scaler skips it and lowers its scale
-            opt_g.step()
-            self.lr_schedulers_list()[0].step()
-            if opt_d is not None:
-                # through the strategy's public optimizer_step, so precision/scaler handling applies but Lightning's
-                # manual loop does not count it: global_step (max_steps, checkpoint cadence, schedule) is G steps
-                self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=_no_closure, model=self)
-                self.lr_schedulers_list()[1].step()
-            if self.ema is not None and not skip:
-                self.ema.update(self.student)
-        opt_g.zero_grad(set_to_none=True)
+            if not (skip and scaler is None):
+                self._step(opt_g, opt_d)
+                if self.ema is not None and not skip:
+                    self.ema.update(self.student)
+            self.guard.check(step, "inf/NaN losses or gradients")
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+
+    def _step(self, opt_g, opt_d) -> None:
+        opt_g.step()  # counted: global_step (max_steps, checkpoint cadence, schedule) is G steps
+        self.lr_schedulers_list()[0].step()
         if opt_d is not None:
-            opt_d.zero_grad(set_to_none=True)
-        self.guard.check(step, "the last total loss or gradients were inf/NaN")
+            # through the strategy's public optimizer_step: precision/scaler handling applies, but Lightning's
+            # manual loop counts only LightningOptimizer.step() calls, so D's steps are not global steps
+            self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=_no_closure, model=self)
+            self.lr_schedulers_list()[1].step()
 
     def lr_schedulers_list(self) -> list:
         s = self.lr_schedulers()
@@ -304,26 +296,12 @@ class VAETrainModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict | None:
         inp = self.forward_mode(self.eval_model(), batch, self.setup_, False)
-        lp = next((t for t in self.losses.values() if isinstance(t, LPIPS)), None)
-        refs = {"gt": inp.real, "teacher": inp.teacher}
-        out: dict[str, Tensor] = {}
-        for name, ref in refs.items():
-            if inp.recon is None or ref is None or ref.shape != inp.recon.shape:
-                continue
-            out[f"val/psnr_{name}"] = psnr(inp.recon, ref).mean()
-            out[f"val/ssim_{name}"] = ssim(inp.recon, ref).mean()
-            if lp is not None:
-                out[f"val/lpips_{name}"] = lp.distance(inp.recon, ref).mean()
-        if inp.z_pred is not None and inp.z_target is not None:
-            out["val/latent_mse"] = (inp.z_pred - inp.z_target).pow(2).mean()
+        lpips = next((t for t in self.losses.values() if isinstance(t, LPIPS)), None)
+        out = validation.metrics(inp, lpips)
         if out:
             self.log_dict(out, on_step=False, on_epoch=True, sync_dist=True, batch_size=_batch_size(batch))
-        if batch_idx != 0 or inp.recon is None:
-            return None
-        k = self.grid_images
-        cols = {name: ref[:k] for name, ref in (("photo", inp.real), ("teacher", inp.teacher)) if ref is not None}
-        cols["student"] = inp.recon[:k]
-        return {"grid": {name: c.detach().float().cpu() for name, c in cols.items()}}
+        grid = validation.grid_columns(inp, self.grid_images) if batch_idx == 0 else None
+        return {"grid": grid} if grid else None
 
 
 def _no_closure() -> None:
