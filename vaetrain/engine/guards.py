@@ -28,11 +28,9 @@ def total_norm(grads: list[Tensor], device: torch.device) -> Tensor:
     return torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).float()
 
 
-def all_finite(values: list[Tensor], device: torch.device) -> Tensor:
-    """A 0-dim bool tensor: every value in every tensor is finite (their joint norm is; no host sync)."""
-    if not values:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.isfinite(torch.nn.utils.get_total_norm(values, 2.0, foreach=True))
+def all_finite(values: list[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: every 0-dim tensor in ``values`` (losses, gradient norms) is finite; no host sync."""
+    return torch.isfinite(torch.stack([v.float() for v in values])).all()
 
 
 class StepGuard:

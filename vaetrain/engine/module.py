@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from vaetrain.engine import optim, performance, rng, validation
 from vaetrain.engine.ema import EMA
-from vaetrain.engine.guards import StepGuard, all_finite, checksum, grads_of
+from vaetrain.engine.guards import StepGuard, all_finite, checksum
 from vaetrain.engine.modes import MODES, STUDENT_DECODES, Setup, Teacher, check_mode, dtype_of, prepare_batch
 from vaetrain.engine.params import default_frozen, fully_frozen_modules, select_parameters
 from vaetrain.losses import LPIPS, LossInputs
@@ -83,7 +83,7 @@ class VAETrainModule(L.LightningModule):
         self.seed, self.grid_images = seed, grid_images
         self.channels_last, self.compile_backend = channels_last, compile
         self.guard = StepGuard(max_nonfinite_in_a_row)
-        self._micro, self._window, self._norms = 0, [], {}
+        self._micro, self._window, self._norms, self._norms_before = 0, [], {}, {}
         self.config: dict | None = None  # the resolved run config, saved into checkpoints (set by the train command)
         self.description: dict | None = None  # how to rebuild the student (vaetrain.formats.describe)
 
@@ -184,11 +184,18 @@ class VAETrainModule(L.LightningModule):
         """Lightning's GradScaler under ``16-mixed``; None otherwise."""
         return getattr(self.trainer.precision_plugin, "scaler", None)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # after Lightning unscaled the gradients (16-mixed): norms, clipping and their logs see the true values
+    def _norm_key(self, optimizer: torch.optim.Optimizer) -> str:
         is_d = self.adversarial is not None and optimizer is self.trainer.optimizers[1]
-        norm = optim.norm_and_clip(optimizer, self.d_grad_clip if is_d else self.grad_clip, self.device)
-        self._norms["train/d_grad_norm" if is_d else "train/grad_norm"] = norm
+        return "train/d_grad_norm" if is_d else "train/grad_norm"
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # after Lightning unscaled the gradients (16-mixed): clipping and the logged norms see the true values
+        key = self._norm_key(optimizer)
+        norm = self._norms_before.pop(key, None)
+        if norm is None:
+            norm = optim.grad_norm(optimizer, self.device)
+        optim.clip(optimizer, self.d_grad_clip if key == "train/d_grad_norm" else self.grad_clip, norm)
+        self._norms[key] = norm
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -237,15 +244,17 @@ class VAETrainModule(L.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=_batch_size(batch))
 
     def _optimizer_step(self, opt_g, opt_d, step: int) -> None:
-        g_params = [p for p in self.student.parameters() if p.requires_grad]
-        d_params = list(self.adversarial.parameters()) if opt_d is not None else []
+        opts = [o for o in (opt_g, opt_d) if o is not None]
+        scaler = self._scaler()
+        # the gradient norms, once: the finiteness test here, clipping and logging in on_before_optimizer_step
+        # (recomputed there only under a GradScaler, whose unscaling comes in between)
+        norms = {self._norm_key(o.optimizer): optim.grad_norm(o.optimizer, self.device) for o in opts}
+        self._norms_before = norms if scaler is None else {}
         # several processes: DDP has already all-reduced the gradients, so their finiteness is the same on every
         # rank and the decision needs no collective of its own (a NaN loss anywhere gives NaN gradients everywhere)
         losses = self._window if self.trainer.world_size == 1 else []
-        finite = all_finite(losses + grads_of(g_params) + grads_of(d_params), self.device)
+        finite = all_finite([*norms.values(), *losses])
         self._window = []
-        opts = [o for o in (opt_g, opt_d) if o is not None]
-        scaler = self._scaler()
         if scaler is None and self.trainer.world_size == 1 and all(optim.skips_on_device(o.optimizer) for o in opts):
             # no host sync at all: fused optimizers drop the update themselves where ``found_inf`` is set (what
             # GradScaler uses), and the EMA follows on the device; the step still counts

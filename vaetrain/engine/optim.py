@@ -38,17 +38,20 @@ def build(student: nn.Module, adversarial: nn.Module | None, g_factory: Optimize
     return opts, scheds
 
 
-def norm_and_clip(optimizer: torch.optim.Optimizer, max_norm: float | None, device: torch.device) -> Tensor:
-    """The global gradient norm of ``optimizer``'s parameters (before clipping), clipped to ``max_norm``.
+def grad_norm(optimizer: torch.optim.Optimizer, device: torch.device) -> Tensor:
+    """The global L2 gradient norm of ``optimizer``'s parameters (one foreach kernel, on the device)."""
+    return total_norm(grads_of(p for group in optimizer.param_groups for p in group["params"]), device)
 
-    Called from ``on_before_optimizer_step``, where Lightning has already unscaled 16-mixed gradients:
-    Lightning's own ``clip_gradients`` would do the same for DDP and single devices, but does not return the
-    norm we log, and the norm would be computed twice."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = total_norm(grads_of(params), device)
+
+def clip(optimizer: torch.optim.Optimizer, max_norm: float | None, norm: Tensor) -> None:
+    """Scale the gradients down to ``max_norm`` given their ``norm`` (no host sync).
+
+    Called from ``on_before_optimizer_step``, where Lightning has already unscaled 16-mixed gradients: that is
+    what Lightning's own ``clip_gradients`` exists to get right; for DDP and single devices it does the same,
+    but would compute the norm again."""
     if max_norm:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-    return norm
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
