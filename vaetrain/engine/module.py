@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vaetrain.convention import to_diffusion, uint8_to_model
+from vaetrain.formats import describe
 from vaetrain.losses import LossInputs
 from vaetrain.metrics import psnr, ssim
 
@@ -313,6 +314,7 @@ class VAETrainModule(L.LightningModule):
         # plain lists/tensors only, so ``torch.load(weights_only=True)`` can read the checkpoint
         np_state = np.random.get_state()
         checkpoint["vaetrain"] = {
+            "student": describe(self.student),  # vaetrain.formats.build() rebuilds it: `vaetrain convert RUN.ckpt`
             "config": self.config,
             "mode": self.mode,
             "nonfinite_total": self.nonfinite_total,

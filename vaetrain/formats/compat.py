@@ -60,40 +60,25 @@ def latent_space(model) -> str | None:
 def kl_loader_problems(ae: AutoencoderKL) -> dict[str, str]:
     """Tool -> why it cannot build this AutoencoderKL from an ``original`` export (empty: ComfyUI and A1111 can)."""
     p = ae.params
-    shape = []
-    for key, want in _KL_STANDARD.items():
-        if getattr(p, key) != want:
-            shape.append(f"{key}={getattr(p, key)} (they build {want})")
-    common = []
-    if not (ae.has_encoder and ae.has_decoder):
-        common.append("it holds only the " + ("decoder" if ae.has_decoder else "encoder")
-                      + " (they build and load both halves)")
-    if not (p.encoder_attention and p.decoder_attention):
-        common.append("it has no midblock attention (they always build it: ComfyUI leaves it random, which "
-                      "decodes to NaN/garbage; A1111's strict load fails)")
-    problems: dict[str, str] = {}
-    comfy = list(common)
-    if shape:
-        comfy.append("its widths differ: " + ", ".join(shape))
-    if p.channel_mult not in ((1, 2, 4, 4), (1, 2, 4)):
-        comfy.append(f"channel_mult={list(p.channel_mult)} (ComfyUI builds [1, 2, 4, 4], or [1, 2, 4] for 4x)")
-    if p.latent_channels == 64:
-        comfy.append("64-channel files are read as HunyuanImage's VAE")
-    if comfy:
-        problems["ComfyUI"] = "; ".join(comfy)
-    a1111 = list(common)
-    if shape:
-        a1111.append("its widths differ: " + ", ".join(shape))
-    if p.channel_mult != (1, 2, 4, 4):
-        a1111.append(f"channel_mult={list(p.channel_mult)} (A1111 builds [1, 2, 4, 4])")
+    off = {k: getattr(p, k) for k, want in _KL_STANDARD.items() if getattr(p, k) != want}
+    widths = (f"{', '.join(f'{k}={v}' for k, v in off.items())} (it builds "
+              f"{', '.join(str(_KL_STANDARD[k]) for k in off)})") if off else None
+    half = None if ae.has_encoder and ae.has_decoder else "only the " + ("decoder" if ae.has_decoder else "encoder")
+    attn = not (p.encoder_attention and p.decoder_attention)
+    comfy = [half, widths,
+             "no midblock attention (always built, left random: NaN/garbage images)" if attn else None,
+             None if p.channel_mult in ((1, 2, 4, 4), (1, 2, 4)) else f"channel_mult={list(p.channel_mult)} "
+                                                                      f"(it builds [1, 2, 4, 4] or [1, 2, 4])",
+             "64 latent channels (read as HunyuanImage's VAE)" if p.latent_channels == 64 else None]
+    a1111 = [half, widths, "no midblock attention (its strict load fails)" if attn else None,
+             None if p.channel_mult == (1, 2, 4, 4) else f"channel_mult={list(p.channel_mult)} (it builds [1, 2, 4, 4])"]
     if p.flux2:
-        a1111.append("A1111 has no FLUX.2 support")
+        a1111.append("no FLUX.2 support")
     elif (p.latent_channels, p.use_quant_conv) not in ((4, True), (16, False)):
         a1111.append(f"{p.latent_channels} latent channels with{'' if p.use_quant_conv else 'out'} quant convs "
-                     f"(A1111's VAEs: 4 with quant convs (SD1/SD2/SDXL), 16 without (SD3))")
-    if a1111:
-        problems["A1111"] = "; ".join(a1111)
-    return problems
+                     f"(its VAEs: 4 with quant convs (SD1/SD2/SDXL), 16 without (SD3))")
+    problems = {tool: "; ".join(r for r in reasons if r) for tool, reasons in (("ComfyUI", comfy), ("A1111", a1111))}
+    return {tool: why for tool, why in problems.items() if why}
 
 
 def taesd_prefix(ae: TAESD, latent_space_name: str | None = None,

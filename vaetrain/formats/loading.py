@@ -20,7 +20,7 @@ import huggingface_hub
 
 from torch import nn
 
-from vaetrain.formats import checkpoint, kl, tiny
+from vaetrain.formats import card, checkpoint, kl, tiny
 from vaetrain.formats.export import ExportInfo
 from vaetrain.formats.io import CheckpointError, _first, check_and_load
 from vaetrain.models.base import Autoencoder
@@ -157,5 +157,10 @@ def save_autoencoder(ae: Autoencoder | nn.Module, out_path, format: str = "diffu
     for mod in FORMAT_MODULES:
         written = mod.save(ae, Path(out_path), format, info)
         if written is not None:
-            return Path(written)
+            written = Path(written)
+            if (info.command or info.config or info.metrics) and written.is_dir():  # folder exports carry a card
+                text = card.render(card.export_summary(written), written.name, info.command, info.config,
+                                   {"": info.metrics} if info.metrics else None)
+                card.write_card(written, text)
+            return written
     raise ValueError(f"no saver handles {type(ae).__name__} (format={format!r})")
