@@ -157,8 +157,10 @@ def test_loader_check_agrees_with_a_fixed_architecture_builder():
     assert set(kl_loader_problems(AutoencoderKL(latent_channels=32, use_quant_conv=False, flux2=True))) == {"A1111"}
 
 
-def test_original_export_warns_records_and_loads_with_from_single_file(tmp_path):
-    ae = _kl()
+@pytest.mark.parametrize("kw", [{}, dict(latent_channels=16, use_quant_conv=False, scaling_factor=1.5305,
+                                           shift_factor=0.0609)], ids=["sd1-like", "sd3-like"])
+def test_original_export_warns_records_and_loads_with_from_single_file(tmp_path, kw):
+    ae = _kl(**kw)
     hf = save_autoencoder(ae, tmp_path / "hf", "diffusers")
     with pytest.warns(ExportWarning) as caught:
         f = save_autoencoder(ae, tmp_path / "vae.safetensors", "original", dtype="fp16")
@@ -175,7 +177,7 @@ def test_original_export_warns_records_and_loads_with_from_single_file(tmp_path)
     with torch.no_grad():
         ref = ae.half().float()  # the fp16 export holds the fp16-rounded weights
         torch.testing.assert_close(single.encode(x).latent_dist.mean, ref.posterior(x)[0], atol=1e-5, rtol=0)
-        z = torch.randn(1, 4, 16, 16)
+        z = torch.randn(1, ae.latent_channels, 16, 16)
         torch.testing.assert_close(single.decode(z).sample, ref.decode_raw(z), atol=1e-5, rtol=0)
 
 

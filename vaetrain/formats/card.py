@@ -119,7 +119,7 @@ def render(summary: Mapping[str, Any], repo: str, command: str | None = None, co
     front += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
     model = summary.get("diffusers_class") or summary.get("model") or "autoencoder"
     lines = front + [f"# {repo.rsplit('/', 1)[-1]}", "",
-                     f"A {model} trained with vaetrain, exported as `{summary.get('format')}`"
+                     f"`{model}` trained with vaetrain, exported as `{summary.get('format')}`"
                      + (f" ({summary['dtype']} weights)" if summary.get("dtype") else "") + "."
                      + (f" Latent space: {summary['latent_space']}." if summary.get("latent_space") else ""),
                      "", "## How to load", ""] + _usage(summary, repo)
