@@ -67,7 +67,7 @@ def test_parity_and_round_trips(tmp_path, name, kwargs, scale, shift):
     ours = load_autoencoder(tmp_path / "hf")
     assert isinstance(ours, AutoencoderKL)
     assert (ours.scaling_factor, ours.shift_factor) == (scale, shift or 0.0)
-    assert ours.config["use_quant_conv"] == kwargs.get("use_quant_conv", True)
+    assert ours.params.use_quant_conv == kwargs.get("use_quant_conv", True)
     x = _assert_parity(ours, dvae, scale, shift)
 
     # 2. original single file, made with our diffusers->original key map, prefixed as full checkpoints are
@@ -137,7 +137,7 @@ def test_flux2_parity_and_round_trip(tmp_path):
     dvae.save_pretrained(tmp_path / "hf")
 
     ours = load_autoencoder(tmp_path / "hf")
-    assert ours.config["flux2"] and ours.quant_conv is None and ours.encoder.quant_conv is not None
+    assert ours.params.flux2 and ours.quant_conv is None and ours.encoder.quant_conv is not None
     assert ours.latent_channels == 8 and ours.bn.running_mean.shape == (32,)
     x = _images()
     with torch.no_grad():
@@ -220,10 +220,10 @@ def test_midblock_attention_drop(tmp_path):
         assert torch.equal(half.decode_raw(z), teacher.decode_raw(z))
 
     # load_autoencoder: without the option the attention is kept, with it both sides lose it
-    assert load_autoencoder(tmp_path / "t.safetensors").config["decoder_attention"]
+    assert load_autoencoder(tmp_path / "t.safetensors").params.decoder_attention
     with pytest.warns(UserWarning, match="dropped 20 midblock"):
         dropped = load_autoencoder(tmp_path / "t.safetensors", allow_drop_attention=True)
-    assert not dropped.config["encoder_attention"] and not dropped.config["decoder_attention"]
+    assert not dropped.params.encoder_attention and not dropped.params.decoder_attention
     assert not any(".attn_1." in k for k in dropped.state_dict())
 
 
@@ -238,7 +238,7 @@ def test_no_attention_exports_to_diffusers(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = load_autoencoder(tmp_path / "hf")
-    assert not again.config["decoder_attention"] and again.scaling_factor == 0.18215
+    assert not again.params.decoder_attention and again.scaling_factor == 0.18215
 
     # one-sided attention has no diffusers form: a clear refusal, the original format works
     with pytest.raises(ValueError, match="format=original"):

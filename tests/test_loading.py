@@ -12,6 +12,7 @@ import torch
 import vaetrain.cli
 from vaetrain.formats import kl
 from vaetrain.formats.io import CheckpointError, write_safetensors
+from vaetrain.models.taesd import TAESD
 from vaetrain.formats import load_autoencoder, save_autoencoder
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.presets import PRESETS, get_preset
@@ -202,3 +203,11 @@ def test_presets_table():
 def test_key_maps_are_inverse():
     sd = _small().state_dict()
     assert kl.diffusers_to_original(kl.original_to_diffusers(sd)).keys() == sd.keys()
+
+
+def test_cli_convert_takes_a_list_of_halves(tmp_path):
+    """`vaetrain convert '[enc,dec]' OUT`: the README's syntax for TAESD halves (the CLI passes it as one string)."""
+    halves = save_autoencoder(TAESD(latent_channels=16, width=8), tmp_path / "src", "taesd", latent_space="sd3")
+    enc, dec = halves / "taesd3_encoder.safetensors", halves / "taesd3_decoder.safetensors"
+    out = vaetrain.cli.run("convert", [f"[{enc},{dec}]", str(tmp_path / "out"), "format=taesd"])
+    assert sorted(p.name for p in out.iterdir()) == ["taesd3_decoder.safetensors", "taesd3_encoder.safetensors"]

@@ -1,10 +1,16 @@
-"""Tiny architectures: TAESD variants, MLP, VAEApprox, latent interposer (shapes, conventions, gradients)."""
+"""Tiny architectures: TAESD variants, MLP, VAEApprox, latent interposer (shapes, conventions, gradients); the params
+dataclass of every model."""
+
+import dataclasses
+import inspect
 
 import pytest
 import torch
 
+from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.interposer import LatentInterposer
 from vaetrain.models.mlp import MLPAutoencoder
+from vaetrain.models.patchgan import NLayerDiscriminator
 from vaetrain.models.taesd import TAESD, Block, Clamp, Decoder, Encoder
 from vaetrain.models.vae_approx import VAEApprox
 
@@ -161,3 +167,27 @@ def test_interposer():
     assert sum(p.numel() for p in LatentInterposer().parameters()) > 1_300_000  # 64 ch, 12 blocks
     with pytest.raises(ValueError, match="expects 4-channel"):
         net(torch.randn(1, 16, 4, 4))
+
+
+@pytest.mark.parametrize("cls", [AutoencoderKL, TAESD, MLPAutoencoder, VAEApprox, LatentInterposer, NLayerDiscriminator])
+def test_one_params_dataclass_per_model(cls):
+    """The constructor's keywords are the params dataclass's fields (same names, order and defaults)."""
+    sig = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    fields = dataclasses.fields(cls.Params)
+    assert [p.name for p in sig] == [f.name for f in fields]
+    assert [p.default for p in sig] == [f.default for f in fields]
+    model = cls()
+    assert model.params == cls.Params() and model.config() == dataclasses.asdict(cls.Params())
+    again = cls.from_params(model.params)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_params_validate_and_normalise():
+    p = AutoencoderKL(base_channels=16, channel_mult=[1, 2], norm_groups=8, flux2=True, scaling_factor=1).params
+    assert p.channel_mult == (1, 2) and p.use_quant_conv is False and isinstance(p.scaling_factor, float)
+    with pytest.raises(ValueError, match="not divisible by norm_groups"):
+        AutoencoderKL(base_channels=12, norm_groups=8)
+    with pytest.raises(ValueError, match="at least one half"):
+        TAESD(encoder=False, decoder=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TAESD().params.width = 8

@@ -64,12 +64,16 @@ def test_export_to_diffusers_loads_in_diffusers(tmp_path, latent_channels, facto
         torch.testing.assert_close(again.decode(z), ours.decode(z), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("flags", [dict(latent_channels=32, flux_2=True), dict(latent_channels=4),
-                                   dict(latent_channels=32, downsample_factor=32), dict(latent_channels=4, downsample_factor=4)])
-def test_taesd_halves_roundtrip(tmp_path, flags):
+@pytest.mark.parametrize("flags,name", [(dict(latent_channels=32, flux_2=True), "taef2"),
+                                        (dict(latent_channels=4), "taesd"),
+                                        (dict(latent_channels=32, downsample_factor=32), "mymodel"),
+                                        (dict(latent_channels=4, downsample_factor=4), "taesd")])
+def test_taesd_halves_roundtrip(tmp_path, flags, name):
     ours = _randomize(TAESD(width=8, **flags)).eval()
-    out = tiny.save(ours, tmp_path / "mymodel", "taesd")
-    enc, dec = out / "mymodel_encoder.safetensors", out / "mymodel_decoder.safetensors"
+    with pytest.warns(UserWarning):  # width 8 is not what ComfyUI builds, and it says so
+        out = tiny.save(ours, tmp_path / "mymodel", "taesd")
+    # ComfyUI's vae_approx names for the latent space; none fits a plain 32-channel (Sana) TAESD
+    enc, dec = out / f"{name}_encoder.safetensors", out / f"{name}_decoder.safetensors"
     assert enc.is_file() and dec.is_file()
     assert "0.weight" in read_state_dict(enc) and "1.weight" in read_state_dict(dec)  # original Sequential keys
     f = flags.get("downsample_factor", 8)
@@ -90,7 +94,7 @@ def test_keys_decide_not_names(tmp_path):
     ours = TAESD(16, width=8)
     tiny.save(ours, tmp_path / "m", "taesd")
     misnamed = tmp_path / "taesd_encoder_for_sdxl.safetensors"
-    (tmp_path / "m" / "m_decoder.safetensors").rename(misnamed)
+    (tmp_path / "m" / "taesd3_decoder.safetensors").rename(misnamed)
     ae = tiny.try_load(misnamed)
     assert ae.has_decoder and not ae.has_encoder and ae.latent_channels == 16
 
@@ -128,10 +132,10 @@ def test_mismatched_pair_is_an_error(tmp_path):
     tiny.save(TAESD(4, width=8), tmp_path / "a", "taesd")
     tiny.save(TAESD(16, width=8), tmp_path / "b", "taesd")
     with pytest.raises(CheckpointError, match="different TAESD variants"):
-        tiny.try_load([tmp_path / "a" / "a_encoder.safetensors", tmp_path / "b" / "b_decoder.safetensors"])
+        tiny.try_load([tmp_path / "a" / "taesd_encoder.safetensors", tmp_path / "b" / "taesd3_decoder.safetensors"])
     torch.save({"something.else": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a tiny-autoencoder half"):
-        tiny.try_load([tmp_path / "a" / "a_encoder.safetensors", tmp_path / "other.pt"])
+        tiny.try_load([tmp_path / "a" / "taesd_encoder.safetensors", tmp_path / "other.pt"])
 
 
 def test_mlp_birchsan_layout_roundtrip(tmp_path):
@@ -170,10 +174,10 @@ def test_through_load_and_save_autoencoder(tmp_path):
     from vaetrain.formats import load_autoencoder, save_autoencoder
 
     ours = _randomize(TAESD(16, width=8)).eval()
-    out = save_autoencoder(ours, tmp_path / "t", format="taesd")
+    out = save_autoencoder(ours, tmp_path / "t", format="taesd", latent_space="flux1")
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     ref = ours.decode(ours.encode(x))
-    for source in ([out / "t_encoder.safetensors", out / "t_decoder.safetensors"], out, str(out)):
+    for source in ([out / "taef1_encoder.safetensors", out / "taef1_decoder.safetensors"], out, str(out)):
         ae = load_autoencoder(source)
         assert isinstance(ae, TAESD) and not ae.training
         torch.testing.assert_close(ae.decode(ae.encode(x)), ref, atol=0, rtol=0)
@@ -186,8 +190,8 @@ def test_folder_with_pth_and_safetensors_copies(tmp_path):
     ours = TAESD(4, width=8)
     out = tiny.save(ours, tmp_path / "f", "taesd")
     for half in ("encoder", "decoder"):  # hub repos ship both .pth and .safetensors of each half
-        torch.save(read_state_dict(out / f"f_{half}.safetensors"), out / f"f_{half}.pth")
+        torch.save(read_state_dict(out / f"taesd_{half}.safetensors"), out / f"taesd_{half}.pth")
     assert tiny.try_load(out).config() == ours.config()
-    torch.save(read_state_dict(out / "f_encoder.safetensors"), out / "other_encoder.pth")
+    torch.save(read_state_dict(out / "taesd_encoder.safetensors"), out / "other_encoder.pth")
     with pytest.raises(CheckpointError, match="holds 3 tiny-autoencoder halves.*as a list"):
         tiny.try_load(out)

@@ -151,10 +151,29 @@ def test_checkpoint_write_is_atomic(tmp_path):
     io = AtomicCheckpointIO()
     path = tmp_path / "c" / "last.ckpt"
     io.save_checkpoint({"step": torch.tensor(1)}, path)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(UserError, match="disk full") as e:
         io.save_checkpoint({"step": torch.tensor(2), "x": [torch.zeros(1000), _Boom()]}, path)
+    assert str(path) in str(e.value) and "previous checkpoint there is unchanged" in str(e.value)
     assert int(torch.load(path, weights_only=True)["step"]) == 1  # the last good file survives
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+
+def test_full_disk_names_the_path_and_the_cause(tmp_path, monkeypatch):
+    import errno
+
+    def full(obj, f, *a, **k):
+        f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(1)}, path)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError) as e:
+        AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(2)}, path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "no space left on device" in msg
+    monkeypatch.undo()
+    assert int(torch.load(path, weights_only=True)["step"]) == 1 and len(list(tmp_path.iterdir())) == 1
 
 
 def _children(pid: int) -> list[int]:

@@ -22,6 +22,7 @@ from vaetrain.safe import UserError
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "train": ("train", [], "train an autoencoder (teacher/student/losses/data from conf/)"),
     "convert": ("convert", ["source", "out"], "convert a checkpoint between formats (format=diffusers|original|taesd)"),
+    "push": ("push", ["source", "repo_id"], "upload an export to the Hugging Face hub with a model card"),
     "eval": ("eval", [], "PSNR/SSIM/LPIPS of a model on an image folder, against ground truth and a teacher"),
     "shards": ("shards", ["inputs+", "output"], "pack image folders into WebDataset shards"),
     "cache-latents": ("cache_latents", [], "encode a dataset once with the teacher into latent shards"),

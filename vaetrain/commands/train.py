@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,8 +43,8 @@ from vaetrain.engine.callbacks import ImageGrid, Preemption, shield_loader_worke
 from vaetrain.engine.checkpoints import AtomicCheckpointIO, checkpoint_position, find_resume, remove_stale_fragments
 from vaetrain.engine.guards import NonFiniteLossError
 from vaetrain.engine.module import VAETrainModule
-from vaetrain.formats import save_autoencoder
-from vaetrain.formats.io import CheckpointError, write_safetensors
+from vaetrain.formats import ExportInfo, latent_space, save_autoencoder
+from vaetrain.formats.io import CheckpointError
 from vaetrain.models.base import Autoencoder
 from vaetrain.safe import UserError, atomic_write_json
 
@@ -126,18 +127,17 @@ def manual_optimisation_options(trainer_kwargs: dict, opts: dict) -> None:
         print(f"vaetrain train: trainer.accumulate_grad_batches={acc} applied as module.accumulate", flush=True)
 
 
-def export_model(model: nn.Module, out_dir: Path, formats: list[str] | tuple[str, ...]) -> dict[str, str]:
+def export_model(model: nn.Module, out_dir: Path, formats: list[str] | tuple[str, ...],
+                 info: ExportInfo | None = None) -> dict[str, str]:
     """Write ``model`` (the EMA student) in each format it supports; returns format -> path (or skip reason)."""
-    out: dict[str, str] = {}
     model = model.float().eval()
     if not isinstance(model, Autoencoder):
-        # interposers and other latent->latent nets: native safetensors only
-        path = write_safetensors(model.state_dict(), out_dir / f"{type(model).__name__.lower()}.safetensors",
-                                 metadata={"class": f"{type(model).__module__}.{type(model).__name__}"})
-        return {"safetensors": str(path)}
+        # interposers and other latent->latent nets: vaetrain's own safetensors (load_autoencoder reads it back)
+        return {"safetensors": str(save_autoencoder(model, out_dir, format="safetensors", info=info))}
+    out: dict[str, str] = {}
     for fmt in formats:
         try:
-            out[fmt] = str(save_autoencoder(model, out_dir / fmt, format=fmt))
+            out[fmt] = str(save_autoencoder(model, out_dir / fmt, format=fmt, info=info))
         except (CheckpointError, ValueError, NotImplementedError) as e:
             out[fmt] = f"skipped: {' '.join(str(e).split())[:200]}"
     return out
@@ -259,8 +259,13 @@ def train(
                               "exports": {}, "logs": {}}
     if not pl_trainer.is_global_zero:
         return result
+    metrics = {k: round(float(v), 4) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")}
     if export and not preempted:
-        result["exports"] = export_model(pl_module.eval_model(), run_dir / "export", list(export))
+        # the model card and config.json: the latent space the student speaks (its teacher's), the training size
+        info = ExportInfo(latent_space=latent_space(teacher) if teacher is not None else None,
+                          sample_size=getattr(datamodule, "image_size", None), command=" ".join(sys.argv),
+                          config=config, metrics=metrics)
+        result["exports"] = export_model(pl_module.eval_model(), run_dir / "export", list(export), info)
     for lg in loggers:
         if isinstance(lg, CSVLogger):
             result["logs"]["csv"] = str(Path(lg.log_dir) / "metrics.csv")
@@ -270,7 +275,6 @@ def train(
     grid = next((c for c in cbs if isinstance(c, ImageGrid)), None)
     if grid is not None and grid.last is not None:
         result["images"] = str(grid.last.parent)
-    metrics = {k: round(float(v), 4) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")}
     result["val"] = metrics
     atomic_write_json(run_dir / "result.json", result)
     _finish_wandb(loggers, exit_code=0)

@@ -2,7 +2,7 @@
 
 - Writes go through ``vaetrain.safe.atomic_open``: a crash, kill or full disk during a save leaves the
   previous checkpoint of that name untouched; the error names the path and the cause in one line.
-- Reads go through ``vaetrain.formats.io.load_torch``, the reader of every model file too: ``weights_only``
+- Reads go through ``vaetrain.formats.io.read_checkpoint``, the reader of every model file too: ``weights_only``
   always, one-line errors for empty, truncated, foreign and code-carrying files.
 - ``resume=auto`` picks the newest loadable checkpoint of the run (``last``, periodic ``step=`` or
   pre-emption), by the step stored inside, skipping (and naming) broken ones; fragments of killed saves
@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from vaetrain.formats.io import CheckpointError, load_torch
+from vaetrain.formats.io import CheckpointError, read_checkpoint
 from vaetrain.safe import UserError, atomic_open, one_line
 
 LAST = "last.ckpt"
@@ -40,7 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             f"there is unchanged: free space or point run_dir elsewhere, then resume=auto") from None
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return read_checkpoint(path)
+        return read_training_checkpoint(path)
 
 
 def disk_cause(path: Path, e: BaseException) -> str:
@@ -59,9 +59,9 @@ def disk_cause(path: Path, e: BaseException) -> str:
     return os.strerror(err) if err else one_line(e, 200)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A vaetrain/Lightning training checkpoint, or ``CheckpointError`` in one line."""
-    ckpt = load_torch(path)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         raise CheckpointError(f"{path}: not a training checkpoint (no state_dict/global_step: a model file? load it "
                               f"with student=finetune student.source=...); resume= takes a run's .ckpt or run folder")
@@ -70,7 +70,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def checkpoint_position(path: str | os.PathLike) -> tuple[int, int]:
     """(global_step, training batches seen) stored in a checkpoint, read without loading its tensors."""
-    ckpt = load_torch(path, mmap=True)
+    ckpt = read_checkpoint(path, mmap=True)
     if not isinstance(ckpt, dict) or "global_step" not in ckpt:
         raise CheckpointError(f"{path}: not a training checkpoint (no global_step)")
     loop = (ckpt.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})

@@ -29,8 +29,10 @@ from vaetrain.engine.ema import EMA
 from vaetrain.engine.guards import StepGuard, all_finite, checksum
 from vaetrain.engine.modes import MODES, STUDENT_DECODES, Setup, Teacher, check_mode, dtype_of, prepare_batch
 from vaetrain.engine.params import default_frozen, fully_frozen_modules, select_parameters
+from vaetrain.formats import describe
 from vaetrain.losses import LPIPS, LossInputs
 from vaetrain.metrics import psnr
+from vaetrain.models.base import HasParams
 
 
 def _detached(t: Tensor | None) -> Tensor | None:
@@ -85,7 +87,8 @@ class VAETrainModule(L.LightningModule):
         self.guard = StepGuard(max_nonfinite_in_a_row)
         self._micro, self._window, self._norms, self._norms_before = 0, [], {}, {}
         self.config: dict | None = None  # the resolved run config, saved into checkpoints (set by the train command)
-        self.description: dict | None = None  # how to rebuild the student (vaetrain.formats.describe)
+        # how to rebuild the student from a checkpoint alone (`vaetrain convert RUN.ckpt`, `vaetrain eval`)
+        self.description = describe(student) if isinstance(student, HasParams) else None
 
     # ------------------------------------------------------------------ plumbing
     @property

@@ -29,10 +29,12 @@ def _first(keys, n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a flat tensor dict from .safetensors or a torch pickle (``weights_only=True`` only).
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False):
+    """The object stored in a .safetensors file (its tensor dict) or a torch pickle (``weights_only=True`` only):
+    the one reader of every weights file and training checkpoint vaetrain opens.
 
-    Nesting under ``state_dict`` (Lightning) is unwrapped; non-tensor entries are dropped.
+    ``mmap=True`` maps a zip-format pickle's storages instead of reading them (a cheap look inside a big ``.ckpt``).
+    Every failure is a one-line ``CheckpointError`` naming the file.
     """
     path = Path(path)
     if not path.exists():
@@ -40,7 +42,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a weights file")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty")
+        raise CheckpointError(f"{path}: file is empty (a killed write? use an older checkpoint)")
     with open(path, "rb") as f:
         head = f.read(9)
     # safetensors: 8-byte little-endian header length, then a JSON header
@@ -50,27 +52,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises several error types for bad headers
             if path.suffix == ".safetensors":
                 raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
-    obj = load_torch(path)
-    return flatten_state_dict(obj, path)
-
-
-def load_torch(path: str | os.PathLike, mmap: bool = False):
-    """``torch.load(path, weights_only=True)`` with one-line errors: the single reader of every torch pickle
-    vaetrain opens (model files and training checkpoints). A pickle that would build arbitrary objects is
-    refused with the name of the global it wanted, never with advice to turn the safety off."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty (a killed write? use an older checkpoint)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         msg = _one_line(e)
         # torch wraps every weights_only failure in the same boilerplate; the reason follows this marker
         msg = msg.split("WeightsUnpickler error:")[-1].strip()
         wanted = re.search(r"GLOBAL ([\w.]+)", msg)
         if wanted or "Unsupported global" in msg:
+            # torch's own text goes on to explain how to switch the safety off: never pass that on
             raise CheckpointError(
                 f"{path}: refused to unpickle: it holds objects other than tensors ({wanted[1] if wanted else 'a global'}), "
                 f"which could run code; only open it if you made it, and convert it to safetensors first") from None
@@ -79,6 +69,20 @@ def load_torch(path: str | os.PathLike, mmap: bool = False):
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_one_line(e)[:200]})") from None
     except Exception as e:  # the weights_only unpickler fails on arbitrary bytes with IndexError, KeyError, ...
         raise CheckpointError(f"{path}: not a checkpoint ({type(e).__name__}: {_one_line(e)[:200]})") from None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a flat tensor dict from .safetensors or a torch pickle (``weights_only=True`` only).
+
+    Nesting under ``state_dict`` (Lightning) is unwrapped; non-tensor entries are dropped.
+    """
+    return flatten_state_dict(read_checkpoint(path), path)
+
+
+def float_dtype(*sds: Mapping[str, torch.Tensor]) -> str | None:
+    """The one floating dtype of every floating tensor in ``sds`` ("float16", "float32", ...), None if mixed/none."""
+    dtypes = {v.dtype for sd in sds for v in sd.values() if v.is_floating_point()}
+    return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
 
 
 def flatten_state_dict(obj, path: str | os.PathLike = "<memory>") -> dict[str, torch.Tensor]:
@@ -130,17 +134,25 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, m
     return atomic_write(path, safetensors_bytes(tensors, metadata=metadata))
 
 
-def read_json_metadata(path: str | os.PathLike, key: str) -> dict:
-    """The JSON dict stored under ``key`` in a safetensors header; ``{}`` for other files or when absent.
-
-    Unreadable metadata also gives ``{}``: callers then fall back to the keys, which ``read_state_dict`` checks.
-    """
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A safetensors file's string metadata (header only); ``{}`` for other or unreadable files (``read_state_dict``
+    reports those properly)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta[key]) if key in meta else {}
-    except Exception:
+            return dict(f.metadata() or {})
+    except Exception:  # safetensors raises several error types for bad headers
         return {}
+
+
+def read_json_metadata(path: str | os.PathLike, key: str) -> dict:
+    """The JSON dict stored under ``key`` in a safetensors header; ``{}`` for other files or when absent/unreadable
+    (callers then fall back to the keys, which ``read_state_dict`` checks)."""
+    meta = read_metadata(path)
+    try:
+        value = json.loads(meta[key]) if key in meta else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-from vaetrain.formats.io import CheckpointError, _first, check_and_load, read_json_metadata, read_state_dict, write_safetensors
+from vaetrain.formats.compat import kl_loader_problems, latent_space, problems_line
+from vaetrain.formats.diffusers_config import diffusers_config
+from vaetrain.formats.export import (EXPORT_KEY, ExportInfo, cast, check_latent_stats, conventions, default_sample_size,
+                                     export_dtype, export_metadata, fp16_safe, warn, write_json_file)
+from vaetrain.formats.io import (CheckpointError, _first, check_and_load, float_dtype, read_json_metadata,
+                                 read_state_dict, write_safetensors)
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.presets import Preset, get_preset
 
@@ -270,6 +275,9 @@ def build(sd: dict[str, torch.Tensor], path, conventions: dict, preset: Preset |
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     check_and_load(ae, sd, path, allow_missing=("bn.num_batches_tracked",))
+    ae.source_dtype = float_dtype(sd)
+    if preset is not None and preset.family == "kl":
+        ae.latent_space = preset.latent_space
     if dropped:
         report_dropped(path, dropped)
     return ae.eval()
@@ -282,44 +290,56 @@ def report_dropped(path, keys: list[str]) -> None:
 
 
 # --- saving ------------------------------------------------------------------------------------------
-def save(ae, out, format: str = "diffusers") -> Path | None:
+def save(ae, out, format: str = "diffusers", info: ExportInfo | None = None) -> Path | None:
     """Write ``ae`` as a diffusers folder or an original single .safetensors; None if not an AutoencoderKL."""
     if not isinstance(ae, AutoencoderKL):
         return None
+    info = info or ExportInfo()
+    check_latent_stats(info, ae.latent_channels)
     out = Path(out)
-    sd = {k: v for k, v in ae.state_dict().items()}
+    dtype = export_dtype(ae, info)
+    sd = cast(ae.state_dict(), dtype)
+    scale, shift = conventions(ae, info)
+    space = info.latent_space or latent_space(ae)
     if format == "original":
         if out.suffix != ".safetensors":
             out = out / "vae.safetensors" if out.is_dir() else out.with_name(out.name + ".safetensors")
-        return write_safetensors(sd, out, {METADATA_KEY: json.dumps(ae.config), "format": "pt"})
+        problems = kl_loader_problems(ae)
+        params = {**ae.config(), "scaling_factor": scale, "shift_factor": shift}
+        meta = export_metadata(format, info, space, problems, dtype)
+        written = write_safetensors(sd, out, {METADATA_KEY: json.dumps(params), EXPORT_KEY: json.dumps(meta),
+                                              "format": "pt"})
+        if problems:
+            warn(problems_line(written, problems))
+        return written
     if format != "diffusers":
         raise ValueError(f"AutoencoderKL can be saved as format=diffusers or format=original, not {format!r}")
-    c = ae.config
+    p = ae.params
     if not (ae.has_encoder and ae.has_decoder):
         raise ValueError("diffusers AutoencoderKL needs both encoder and decoder; save this half with format=original")
-    if c["encoder_attention"] != c["decoder_attention"]:
+    if p.encoder_attention != p.decoder_attention:
         raise ValueError("diffusers AutoencoderKL has midblock attention on both sides or neither "
                          "(mid_block_add_attention); save this model with format=original")
-    n = len(c["channel_mult"])
-    cfg = {
-        "_class_name": "AutoencoderKLFlux2" if c["flux2"] else "AutoencoderKL",
-        "_diffusers_version": "0.35.0",
-        "in_channels": c["in_channels"], "out_channels": c["out_channels"],
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": [c["base_channels"] * m for m in c["channel_mult"]],
-        "layers_per_block": c["num_res_blocks"], "act_fn": "silu", "latent_channels": c["latent_channels"],
-        "norm_num_groups": c["norm_groups"], "sample_size": 1024,
-        "use_quant_conv": c["use_quant_conv"] or c["flux2"], "use_post_quant_conv": c["use_quant_conv"] or c["flux2"],
-        "mid_block_add_attention": c["encoder_attention"],
-    }
-    if c["flux2"]:
-        cfg.update(batch_norm_eps=ae.bn.eps, batch_norm_momentum=ae.bn.momentum, patch_size=[2, 2])
+    n = len(p.channel_mult)
+    values = dict(in_channels=p.in_channels, out_channels=p.out_channels,
+                  down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                  block_out_channels=[p.base_channels * m for m in p.channel_mult], layers_per_block=p.num_res_blocks,
+                  act_fn="silu", latent_channels=p.latent_channels, norm_num_groups=p.norm_groups,
+                  sample_size=info.sample_size or default_sample_size(space),
+                  use_quant_conv=p.use_quant_conv or p.flux2, use_post_quant_conv=p.use_quant_conv or p.flux2,
+                  mid_block_add_attention=p.encoder_attention)
+    if p.flux2:  # AutoencoderKLFlux2 has no scale/shift/force_upcast: its latents are normalised by ``bn``
+        cfg = diffusers_config("AutoencoderKLFlux2", **values, batch_norm_eps=ae.bn.eps,
+                               batch_norm_momentum=ae.bn.momentum, patch_size=[2, 2])
     else:
-        cfg.update(scaling_factor=c["scaling_factor"], shift_factor=c["shift_factor"] or None,
-                   latents_mean=None, latents_std=None, force_upcast=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(original_to_diffusers(sd), out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    tmp = out / ".config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.replace(out / "config.json")
+        safe = fp16_safe(info.fp16_audit)
+        cfg = diffusers_config("AutoencoderKL", **values, scaling_factor=scale, shift_factor=shift or None,
+                               latents_mean=list(info.latents_mean) if info.latents_mean else None,
+                               latents_std=list(info.latents_std) if info.latents_std else None,
+                               # unaudited: diffusers' own default (upcast); audited: upcast only when not fp16-safe
+                               force_upcast=True if safe is None else not safe)
+    meta = export_metadata(format, info, space, {}, dtype)
+    write_safetensors(original_to_diffusers(sd), out / "diffusion_pytorch_model.safetensors",
+                      {"format": "pt", EXPORT_KEY: json.dumps(meta)})
+    write_json_file(out / "config.json", cfg)
     return out

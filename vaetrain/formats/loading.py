@@ -3,7 +3,9 @@
 Resolution: a local path (file or folder) or a list of paths (halves of one model) is used as is;
 an ``org/name`` hub id, or ``source=None`` with a preset, goes through
 ``huggingface_hub.snapshot_download`` (its cache; ``HF_HUB_OFFLINE=1`` works from the cache alone).
-Dispatch: ``kl.try_load`` then ``tiny.try_load``; each returns None for "not my format".
+Dispatch: ``checkpoint.try_load`` (vaetrain run checkpoints and native files), ``kl.try_load``, ``tiny.try_load``;
+each returns None for "not my format". Saving goes to the module that handles the model type, with an
+``ExportInfo`` (or its fields as keywords) for what real tools need beyond the weights.
 """
 
 from __future__ import annotations
@@ -16,19 +18,22 @@ from pathlib import Path
 
 import huggingface_hub
 
-from vaetrain.formats import kl, tiny
+from torch import nn
+
+from vaetrain.formats import card, checkpoint, kl, tiny
+from vaetrain.formats.export import ExportInfo
 from vaetrain.formats.io import CheckpointError, _first, check_and_load
 from vaetrain.models.base import Autoencoder
 from vaetrain.models.presets import Preset, get_preset
 
 ACCEPTED = ("diffusers AutoencoderKL/AutoencoderKLFlux2/AutoencoderTiny folders, original LDM/SGM/BFL KL single "
             "files (.safetensors/.ckpt/.pt), TAESD encoder/decoder .pth/.safetensors, Birch-san MLP and "
-            "VAEApprox .pt files")
+            "VAEApprox .pt files, vaetrain run checkpoints (.ckpt) and format=safetensors files")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-# tried in this order; each returns None for "not my format"
-FORMAT_MODULES = (kl, tiny)
+# tried in this order; each returns None for "not my format" (and, saving, for "not my model type")
+FORMAT_MODULES = (checkpoint, kl, tiny)
 
 
 def hub_download(repo_id: str, subfolder: str | None = None, allow_patterns: list[str] | None = None) -> Path:
@@ -81,19 +86,27 @@ def _name(path) -> str:
 
 
 def load_autoencoder(source=None, preset: str | Preset | None = None, subfolder: str | None = None,
-                     allow_drop_attention: bool = False) -> Autoencoder:
+                     allow_drop_attention: bool = False, weights: str | None = None) -> Autoencoder | nn.Module:
     """Any supported autoencoder from a path, list of paths, hub id, or preset; in eval mode.
 
     ``allow_drop_attention=True`` builds the detected architecture WITHOUT midblock attention and
-    drops (and reports) those weights.
+    drops (and reports) those weights. A vaetrain run checkpoint (``RUN/checkpoints/last.ckpt``) gives its
+    EMA student, or the raw student with ``weights="student"``; that (like a ``format=safetensors`` file) can
+    also be a vaetrain model that is not an autoencoder (a ``LatentInterposer``).
     """
     preset = get_preset(preset)
     path = resolve(source, preset, subfolder)
-    for mod in FORMAT_MODULES:
-        ae = mod.try_load(path, preset, allow_drop_attention)
-        if ae is not None:
-            return ae.eval()
-    raise CheckpointError(f"{_name(path)}: not a recognised autoencoder checkpoint; accepted: {ACCEPTED}")
+    ae = checkpoint.try_load(path, preset, allow_drop_attention, weights)
+    if ae is None and weights is not None:
+        raise CheckpointError(f"{_name(path)}: weights={weights} only applies to vaetrain run checkpoints (.ckpt)")
+    for mod in FORMAT_MODULES[1:]:
+        if ae is None:
+            ae = mod.try_load(path, preset, allow_drop_attention)
+    if ae is None:
+        raise CheckpointError(f"{_name(path)}: not a recognised autoencoder checkpoint; accepted: {ACCEPTED}")
+    if preset is not None and preset.latent_space and getattr(ae, "latent_space", None) is None:
+        ae.latent_space = preset.latent_space
+    return ae.eval()
 
 
 def load_weights(ae: Autoencoder, source, allow_drop_attention: bool = False,
@@ -127,10 +140,27 @@ def load_weights(ae: Autoencoder, source, allow_drop_attention: bool = False,
     return ae
 
 
-def save_autoencoder(ae: Autoencoder, out_path, format: str = "diffusers") -> Path:
-    """Write ``ae`` in ``format`` (diffusers | original | taesd, as the model type allows); returns the path."""
+def save_autoencoder(ae: Autoencoder | nn.Module, out_path, format: str = "diffusers", info: ExportInfo | None = None,
+                     **options) -> Path:
+    """Write ``ae`` in ``format`` (diffusers | original | taesd as the model type allows, or safetensors: vaetrain's
+    own layout for any vaetrain model); returns the path.
+
+    ``info`` / ``options`` (the fields of ``ExportInfo``; options override info): weight dtype, ComfyUI's TAESD name
+    prefix, latent space, scale/shift, latents_mean/std, sample_size, the fp16 audit (diffusers ``force_upcast``),
+    the model card's command/config/metrics. An ``original``/``taesd`` export that ComfyUI or A1111 cannot build is
+    still written; an ``ExportWarning`` says so in one line and the file's ``vaetrain_export`` metadata records it.
+    """
+    try:
+        info = (info or ExportInfo()).updated(**options)
+    except TypeError as e:  # an unknown option name
+        raise ValueError(f"save_autoencoder: {e}; options are the fields of ExportInfo") from None
     for mod in FORMAT_MODULES:
-        written = mod.save(ae, Path(out_path), format)
+        written = mod.save(ae, Path(out_path), format, info)
         if written is not None:
-            return Path(written)
+            written = Path(written)
+            if (info.command or info.config or info.metrics) and written.is_dir():  # folder exports carry a card
+                text = card.render(card.export_summary(written), written.name, info.command, info.config,
+                                   {"": info.metrics} if info.metrics else None)
+                card.write_card(written, text)
+            return written
     raise ValueError(f"no saver handles {type(ae).__name__} (format={format!r})")

@@ -15,18 +15,24 @@ from pathlib import Path
 
 import torch
 
-from vaetrain.formats.io import CheckpointError, check_and_load, read_json_metadata, read_state_dict, write_safetensors
+from vaetrain.formats.compat import (TAESD_FIX, TAESD_PREFIXES, latent_space, problems_line, taesd_loader_problems,
+                                     taesd_prefix)
+from vaetrain.formats.diffusers_config import diffusers_config
+from vaetrain.formats.export import (EXPORT_KEY, ExportInfo, cast, conventions, export_dtype, export_metadata,
+                                     fp16_safe, warn, write_json_file)
+from vaetrain.formats.io import (CheckpointError, check_and_load, float_dtype, read_json_metadata, read_state_dict,
+                                 write_safetensors)
 from vaetrain.models.base import Autoencoder
 from vaetrain.models.mlp import MLPAutoencoder
 from vaetrain.models.presets import get_preset
 from vaetrain.models.taesd import TAESD
 from vaetrain.models.vae_approx import VAEApprox
-from vaetrain.safe import atomic_write
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")
 _INDEXED = re.compile(r"^(\d+)\.(.+)$")
 _MLP_KEYS = re.compile(r"^(in_proj|out_proj|hidden_layers\.\d+)\.(weight|bias)$|^upsample\.")
 _APPROX_KEYS = {f"conv{i}.{p}" for i in range(1, 9) for p in ("weight", "bias")}
+_COMFY_NAME = re.compile(r"^(taesd|taesdxl|taesd3|taef1|taef2)_(?:encoder|decoder)\.")  # ComfyUI vae_approx names
 CONFIG_KEY = "vaetrain_config"  # safetensors metadata: the flags that rebuild the model
 # diffusers AutoencoderTiny settings our TAESD reproduces (anything else is refused, not misread)
 _TINY_FIXED = dict(in_channels=3, out_channels=3, act_fn="relu", upsample_fn="nearest", upsampling_scaling_factor=2)
@@ -174,6 +180,7 @@ def _load_diffusers_folder(folder: Path, config: dict, preset) -> TAESD:
     enc, dec = split_diffusers_tiny(sd)
     meta = {k: config[k] for k in ("scaling_factor", "shift_factor") if k in config}
     model = build_taesd((enc, weights) if enc else None, (dec, weights) if dec else None, meta, preset)
+    _tag(model, [sd], [weights], preset)
     if "latent_channels" in config and config["latent_channels"] != model.latent_channels:
         raise CheckpointError(f"{cfg_path}: latent_channels={config['latent_channels']} but the weights have "
                               f"{model.latent_channels}")
@@ -277,6 +284,29 @@ def _load_files(paths: list[Path], preset) -> Autoencoder | None:
     if not paths or not all(p.is_file() for p in paths):
         return None
     sds = [read_state_dict(p) for p in paths]
+    model = _build_from_files(paths, sds, preset)
+    if model is not None:
+        _tag(model, sds, paths, preset)
+    return model
+
+
+def _tag(model: Autoencoder, sds: list[dict], paths: list[Path], preset) -> None:
+    """What the weights cannot say but exports use: the stored dtype and, when named, the latent space."""
+    model.source_dtype = float_dtype(*sds)
+    if isinstance(model, VAEApprox):
+        return
+    preset = _preset(preset)
+    spaces = {read_json_metadata(p, EXPORT_KEY).get("latent_space") for p in paths}
+    # ComfyUI's file names (taesdxl_decoder.pth, ...) name the space; detection never depends on them
+    spaces |= {TAESD_PREFIXES[m[1]] for p in paths if (m := _COMFY_NAME.match(p.name))}
+    if preset is not None and preset.latent_space:
+        spaces.add(preset.latent_space)
+    spaces.discard(None)
+    if len(spaces) == 1:
+        model.latent_space = spaces.pop()
+
+
+def _build_from_files(paths: list[Path], sds: list[dict], preset) -> Autoencoder | None:
     kinds = [classify(sd) for sd in sds]
     if all(k is None for k in kinds):
         return None
@@ -307,27 +337,37 @@ def _load_files(paths: list[Path], preset) -> Autoencoder | None:
     return build_mlp(parts.get("mlp_encoder"), parts.get("mlp_decoder"), meta)
 
 
-def save(ae: Autoencoder, out, format: str = "taesd") -> Path | None:
+def save(ae: Autoencoder, out, format: str = "taesd", info: ExportInfo | None = None) -> Path | None:
     """Write ``ae`` to the folder ``out``; ``None`` for models this module does not handle.
 
-    TAESD: ``taesd`` / ``original`` -> ``<out>/<name>_{encoder,decoder}.safetensors`` (original Sequential keys,
-    what taesd.py and ComfyUI's vae_approx folder read); ``diffusers`` -> an AutoencoderTiny folder.
+    TAESD: ``taesd`` / ``original`` -> ``<out>/<prefix>_{encoder,decoder}.safetensors`` (original Sequential keys, what
+    taesd.py and ComfyUI's vae_approx folder read; ``prefix`` is the name ComfyUI gives the latent space, see
+    ``compat.taesd_prefix``); ``diffusers`` -> an AutoencoderTiny folder.
     MLP: ``original`` / ``mlp`` -> Birch-san-layout halves. VAEApprox: ``original`` -> ``<name>_decoder.safetensors``.
     """
     out = Path(out)
+    info = info or ExportInfo()
     if isinstance(ae, TAESD):
         if format in ("taesd", "original"):
-            return _save_halves(ae, out, "taesd")
+            prefix, note = taesd_prefix(ae, info.latent_space, info.taesd_prefix)
+            problems = taesd_loader_problems(ae, prefix)
+            space = TAESD_PREFIXES.get(prefix) if not note else None
+            written = _save_halves(ae, out, "taesd", prefix or out.name or "taesd", info, space, problems)
+            if note and prefix is not None:  # without a prefix the problems line below says it all
+                warn(f"{written}: {note}")
+            if problems:
+                warn(problems_line(written, problems, TAESD_FIX))
+            return written
         if format == "diffusers":
-            return _save_diffusers_tiny(ae, out)
+            return _save_diffusers_tiny(ae, out, info)
         raise ValueError(f"cannot save a TAESD as {format!r}: use format=taesd, original or diffusers")
     if isinstance(ae, MLPAutoencoder):
         if format in ("original", "mlp"):
-            return _save_halves(ae, out, "mlp")
+            return _save_halves(ae, out, "mlp", out.name or "mlp", info, info.latent_space or latent_space(ae), {})
         raise ValueError(f"cannot save an MLPAutoencoder as {format!r} (it has no {format} layout): use format=original")
     if isinstance(ae, VAEApprox):
         if format in ("original", "vae_approx"):
-            return _save_halves(ae, out, "vae_approx")
+            return _save_halves(ae, out, "vae_approx", out.name or "vae_approx", info, ae.latent_space, {})
         raise ValueError(f"cannot save a VAEApprox as {format!r}: use format=original")
     return None
 
@@ -339,17 +379,22 @@ def _half_state(module: torch.nn.Module, kind: str) -> dict:
     return sd
 
 
-def _save_halves(ae, out: Path, kind: str) -> Path:
-    name = out.name or kind
-    meta = {"vaetrain_model": kind, CONFIG_KEY: json.dumps(ae.config())}
+def _save_halves(ae, out: Path, kind: str, name: str, info: ExportInfo, space: str | None, problems: dict) -> Path:
+    dtype = export_dtype(ae, info)
+    scale, shift = conventions(ae, info)
+    params = {**ae.config(), **({"scaling_factor": scale, "shift_factor": shift} if kind != "vae_approx" else {})}
+    meta = {"vaetrain_model": kind, CONFIG_KEY: json.dumps(params),
+            EXPORT_KEY: json.dumps(export_metadata("taesd" if kind == "taesd" else "original", info, space, problems,
+                                                   dtype))}
     for half in ("encoder", "decoder"):
         module = getattr(ae, half, None)
         if module is not None:
-            write_safetensors(_half_state(module, kind), out / f"{name}_{half}.safetensors", {**meta, "vaetrain_half": half})
+            write_safetensors(cast(_half_state(module, kind), dtype), out / f"{name}_{half}.safetensors",
+                              {**meta, "vaetrain_half": half})
     return out
 
 
-def _save_diffusers_tiny(ae: TAESD, out: Path) -> Path:
+def _save_diffusers_tiny(ae: TAESD, out: Path, info: ExportInfo) -> Path:
     if ae.flux_2:
         raise ValueError("this TAESD is the flux_2 variant: its pool branches have no diffusers AutoencoderTiny "
                          "equivalent; save it with format=taesd")
@@ -358,16 +403,23 @@ def _save_diffusers_tiny(ae: TAESD, out: Path) -> Path:
                          f"4x only: save it with format=taesd")
     if not (ae.has_encoder and ae.has_decoder):
         raise ValueError("diffusers AutoencoderTiny needs both halves but this TAESD has only one: save it with format=taesd")
+    dtype = export_dtype(ae, info)
     sd = {f"encoder.layers.{k}": v for k, v in ae.encoder.state_dict().items()}
     for k, v in ae.decoder.state_dict().items():
         i, _, tail = k.partition(".")
         sd[f"decoder.layers.{int(i) - 1}.{tail}"] = v
     blocks = _TINY_BLOCKS[ae.downsample_factor]
-    config = {"_class_name": "AutoencoderTiny", "_diffusers_version": "0.42.0", **_TINY_FIXED, **blocks,
-              "encoder_block_out_channels": [ae.width] * len(blocks["num_encoder_blocks"]),
-              "decoder_block_out_channels": [ae.width] * len(blocks["num_decoder_blocks"]),
-              "latent_channels": ae.latent_channels, "latent_magnitude": 3, "latent_shift": 0.5,
-              "force_upcast": False, "scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor}
-    write_safetensors(sd, out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
+    scale, shift = conventions(ae, info)
+    safe = fp16_safe(info.fp16_audit)
+    config = diffusers_config("AutoencoderTiny", **_TINY_FIXED, **blocks,
+                              encoder_block_out_channels=[ae.width] * len(blocks["num_encoder_blocks"]),
+                              decoder_block_out_channels=[ae.width] * len(blocks["num_decoder_blocks"]),
+                              latent_channels=ae.latent_channels,
+                              # unaudited: diffusers' default for AutoencoderTiny (no upcast)
+                              force_upcast=False if safe is None else not safe,
+                              scaling_factor=scale, shift_factor=shift)
+    meta = export_metadata("diffusers", info, info.latent_space or latent_space(ae), {}, dtype)
+    write_safetensors(cast(sd, dtype), out / "diffusion_pytorch_model.safetensors",
+                      {"format": "pt", EXPORT_KEY: json.dumps(meta)})
+    write_json_file(out / "config.json", config)
     return out

@@ -13,6 +13,8 @@ transformer's 128-channel H/16 space exactly as BFL's ``AutoEncoder.encode``/``d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,8 +168,43 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out, H, W)
 
 
+@dataclass(frozen=True)
+class AutoencoderKLParams:
+    """Everything that defines an ``AutoencoderKL`` (see ``vaetrain.models.presets`` for the public models' values)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    encoder_attention: bool = True
+    decoder_attention: bool = True
+    use_quant_conv: bool = True
+    flux2: bool = False
+    norm_groups: int = 32
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    encoder: bool = True
+    decoder: bool = True
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen: normalise what configs hand over (lists, ints for floats)
+        set_(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        set_(self, "scaling_factor", float(self.scaling_factor))
+        set_(self, "shift_factor", float(self.shift_factor))
+        if self.flux2 and self.use_quant_conv:
+            set_(self, "use_quant_conv", False)  # FLUX.2's quant convs live inside encoder/decoder instead
+        for n in sorted({self.base_channels * m for m in self.channel_mult}):
+            if n % self.norm_groups:
+                raise ValueError(f"AutoencoderKL: width {n} is not divisible by norm_groups={self.norm_groups}; "
+                                 f"pick base_channels/channel_mult/norm_groups that divide")
+
+
 class AutoencoderKL(Autoencoder):
     """Gaussian-posterior conv autoencoder; variants are explicit flags (see ``vaetrain.models.presets``)."""
+
+    Params = AutoencoderKLParams
 
     def __init__(
         self,
@@ -188,29 +225,21 @@ class AutoencoderKL(Autoencoder):
         decoder: bool = True,
     ):
         super().__init__()
-        channel_mult = tuple(int(m) for m in channel_mult)
-        for n in {base_channels * m for m in channel_mult}:
-            if n % norm_groups:
-                raise ValueError(f"AutoencoderKL: width {n} is not divisible by norm_groups={norm_groups}; "
-                                 f"pick base_channels/channel_mult/norm_groups that divide")
-        if flux2 and use_quant_conv:
-            use_quant_conv = False  # FLUX.2's quant convs live inside encoder/decoder instead
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, latent_channels=latent_channels,
-                           base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
-                           encoder_attention=encoder_attention, decoder_attention=decoder_attention,
-                           use_quant_conv=use_quant_conv, flux2=flux2, norm_groups=norm_groups,
-                           scaling_factor=float(scaling_factor), shift_factor=float(shift_factor))
-        self.latent_channels = latent_channels
-        self.downsample_factor = 2 ** (len(channel_mult) - 1)
-        self.scaling_factor = float(scaling_factor)
-        self.shift_factor = float(shift_factor)
-        arch = (latent_channels, base_channels, channel_mult, num_res_blocks)
-        self.encoder = Encoder(in_channels, *arch, encoder_attention, norm_groups, flux2) if encoder else None
-        self.decoder = Decoder(out_channels, *arch, decoder_attention, norm_groups, flux2) if decoder else None
-        self.quant_conv = conv(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv and encoder else None
-        self.post_quant_conv = conv(latent_channels, latent_channels, 1) if use_quant_conv and decoder else None
+        self.params = p = AutoencoderKLParams(in_channels, out_channels, latent_channels, base_channels, channel_mult,
+                                              num_res_blocks, encoder_attention, decoder_attention, use_quant_conv,
+                                              flux2, norm_groups, scaling_factor, shift_factor, encoder, decoder)
+        self.latent_channels = p.latent_channels
+        self.downsample_factor = 2 ** (len(p.channel_mult) - 1)
+        self.scaling_factor = p.scaling_factor
+        self.shift_factor = p.shift_factor
+        arch = (p.latent_channels, p.base_channels, p.channel_mult, p.num_res_blocks)
+        self.encoder = Encoder(p.in_channels, *arch, p.encoder_attention, p.norm_groups, p.flux2) if encoder else None
+        self.decoder = Decoder(p.out_channels, *arch, p.decoder_attention, p.norm_groups, p.flux2) if decoder else None
+        n = 2 * p.latent_channels
+        self.quant_conv = conv(n, n, 1) if p.use_quant_conv and encoder else None
+        self.post_quant_conv = conv(p.latent_channels, p.latent_channels, 1) if p.use_quant_conv and decoder else None
         # FLUX.2: running stats of the patchified mean; eval-mode only, never trained
-        self.bn = nn.BatchNorm2d(4 * latent_channels, eps=1e-4, momentum=0.1, affine=False) if flux2 else None
+        self.bn = nn.BatchNorm2d(4 * p.latent_channels, eps=1e-4, momentum=0.1, affine=False) if p.flux2 else None
 
     # --- posterior -------------------------------------------------------------------------
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

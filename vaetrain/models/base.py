@@ -6,13 +6,38 @@ diffusion-space convention (scale and shift) once, so nothing else has to rememb
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, ClassVar
+
 import torch
 from torch import nn
 
 from vaetrain.convention import from_diffusion, to_diffusion
 
 
-class Autoencoder(nn.Module):
+class HasParams:
+    """A model built from one frozen params dataclass.
+
+    ``Params`` is the dataclass type, ``params`` this model's instance (set first thing in ``__init__``, whose keyword
+    arguments are the dataclass's fields, so Hydra configs and Python callers keep passing plain keywords).
+    ``vaetrain.formats.describe`` / ``build`` turn it into a plain dict and back.
+    """
+
+    Params: ClassVar[type]
+    params: Any
+
+    def config(self) -> dict:
+        """The params as a dict (checkpoint metadata, ``teacher_fingerprint``)."""
+        return dataclasses.asdict(self.params)
+
+    @classmethod
+    def from_params(cls, params):
+        if not isinstance(params, cls.Params):
+            raise TypeError(f"{cls.__name__}.from_params needs a {cls.Params.__name__}, got {type(params).__name__}")
+        return cls(**{f.name: getattr(params, f.name) for f in dataclasses.fields(params)})
+
+
+class Autoencoder(HasParams, nn.Module):
     """Images (B, 3, H, W) in [-1, 1] <-> diffusion-space latents (B, C, H/f, W/f).
 
     Attributes every subclass sets: ``latent_channels``, ``downsample_factor``,
@@ -26,6 +51,9 @@ class Autoencoder(nn.Module):
     shift_factor: float = 0.0
     encoder: nn.Module | None
     decoder: nn.Module | None
+    # not architecture, so not params: set by the loaders when known, read by the exporters
+    latent_space: str | None = None  # "sd1", "sdxl", "sd3", "flux1", "flux2" (presets.LATENT_SPACES); names exports
+    source_dtype: str | None = None  # dtype of the weights it was loaded from ("float16", ...): dtype="auto" keeps it
 
     # --- implemented by subclasses -------------------------------------------------------
     def encode_raw(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:

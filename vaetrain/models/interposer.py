@@ -6,9 +6,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vaetrain.models.base import HasParams
 
 
 def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
@@ -25,15 +29,27 @@ class ResBlock(nn.Module):
         return self.join(self.long(x) + x)
 
 
-class LatentInterposer(nn.Module):
+@dataclass(frozen=True)
+class LatentInterposerParams:
+    ch_in: int = 4
+    ch_out: int = 4
+    width: int = 64
+    blocks: int = 12
+    scale: float = 1.0
+
+
+class LatentInterposer(HasParams, nn.Module):
     """(B, ch_in, h, w) -> (B, ch_out, h*scale, w*scale)."""
+
+    Params = LatentInterposerParams
 
     def __init__(self, ch_in: int = 4, ch_out: int = 4, width: int = 64, blocks: int = 12, scale: float = 1.0):
         super().__init__()
-        self.ch_in, self.ch_out, self.scale = ch_in, ch_out, scale
-        self.head = conv(ch_in, width)
-        self.core = nn.Sequential(*[ResBlock(width) for _ in range(blocks)], nn.BatchNorm2d(width), nn.SiLU())
-        self.tail = conv(width, ch_out)
+        self.params = p = LatentInterposerParams(ch_in, ch_out, width, blocks, scale)
+        self.ch_in, self.ch_out, self.scale = p.ch_in, p.ch_out, p.scale
+        self.head = conv(p.ch_in, p.width)
+        self.core = nn.Sequential(*[ResBlock(p.width) for _ in range(p.blocks)], nn.BatchNorm2d(p.width), nn.SiLU())
+        self.tail = conv(p.width, p.ch_out)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if z.shape[1] != self.ch_in:

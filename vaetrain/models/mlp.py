@@ -14,6 +14,8 @@ the upsampler (Birch-san's decoder: an image of size H/8), 8 with it (full resol
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,28 +91,42 @@ class MLPEncoder(nn.Module):
         return self.mlp(F.avg_pool2d(x, 8))  # (B, 3, H/8, W/8) -> (B, C, H/8, W/8)
 
 
-class MLPAutoencoder(Autoencoder):
-    """Encoder and/or decoder MLP halves. Defaults: Birch-san's SD1 models (4 ch, width 12, 1 hidden layer)."""
+@dataclass(frozen=True)
+class MLPAutoencoderParams:
+    """Defaults: Birch-san's SD1 models (4 ch, width 12, 1 hidden layer)."""
 
+    latent_channels: int = 4
+    width: int = 12
+    depth: int = 1
+    encoder: bool = True
+    decoder: bool = True
+    upsampler_width: int | None = None
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+
+    def __post_init__(self):
+        if not (self.encoder or self.decoder):
+            raise ValueError("MLPAutoencoder needs at least one half: set encoder=True and/or decoder=True")
+
+
+class MLPAutoencoder(Autoencoder):
+    """Encoder and/or decoder MLP halves (``MLPAutoencoderParams``)."""
+
+    Params = MLPAutoencoderParams
     downsample_factor = 8
 
     def __init__(self, latent_channels: int = 4, width: int = 12, depth: int = 1, encoder: bool = True,
                  decoder: bool = True, upsampler_width: int | None = None, scaling_factor: float = 0.18215,
                  shift_factor: float = 0.0):
         super().__init__()
-        if not (encoder or decoder):
-            raise ValueError("MLPAutoencoder needs at least one half: set encoder=True and/or decoder=True")
-        self.latent_channels = latent_channels
-        self.width, self.depth, self.upsampler_width = width, depth, upsampler_width
-        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
-        self.output_scale = 8 if upsampler_width else 1
-        self.encoder = MLPEncoder(latent_channels, width, depth) if encoder else None
-        self.decoder = MLPDecoder(latent_channels, width, depth, upsampler_width) if decoder else None
-
-    def config(self) -> dict:
-        return dict(latent_channels=self.latent_channels, width=self.width, depth=self.depth,
-                    encoder=self.has_encoder, decoder=self.has_decoder, upsampler_width=self.upsampler_width,
-                    scaling_factor=self.scaling_factor, shift_factor=self.shift_factor)
+        self.params = p = MLPAutoencoderParams(latent_channels, width, depth, encoder, decoder, upsampler_width,
+                                               scaling_factor, shift_factor)
+        self.latent_channels = p.latent_channels
+        self.width, self.depth, self.upsampler_width = p.width, p.depth, p.upsampler_width
+        self.scaling_factor, self.shift_factor = p.scaling_factor, p.shift_factor
+        self.output_scale = 8 if p.upsampler_width else 1
+        self.encoder = MLPEncoder(p.latent_channels, p.width, p.depth) if p.encoder else None
+        self.decoder = MLPDecoder(p.latent_channels, p.width, p.depth, p.upsampler_width) if p.decoder else None
 
     # the networks live in diffusion space; the raw API converts at the edges (module docstring)
     def encode_raw(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:

@@ -10,9 +10,13 @@ nearest-upsampled to the image size and concatenated to the RGB input, so the di
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vaetrain.models.base import HasParams
 
 
 def conv(n_in: int, n_out: int, stride: int, bias: bool = True) -> nn.Conv2d:
@@ -29,20 +33,35 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"NLayerDiscriminator: norm={kind!r} is not one of 'batch', 'group', 'none'")
 
 
-class NLayerDiscriminator(nn.Module):
+@dataclass(frozen=True)
+class NLayerDiscriminatorParams:
+    in_channels: int = 3
+    cond_channels: int = 0
+    ndf: int = 64
+    n_layers: int = 3
+    norm: str = "batch"
+
+    def __post_init__(self):
+        if self.n_layers < 1:
+            raise ValueError(f"NLayerDiscriminator: n_layers must be >= 1, got {self.n_layers}")
+        if self.norm == "group" and self.ndf % min(32, self.ndf):
+            raise ValueError(f"NLayerDiscriminator: norm='group' needs ndf divisible by {min(32, self.ndf)}, "
+                             f"got {self.ndf}")
+
+
+class NLayerDiscriminator(HasParams, nn.Module):
     """(B, 3, H, W) image in [-1, 1] (+ (B, C, h, w) latent) -> (B, 1, H/8 - 2, W/8 - 2) real/fake logits.
 
     ``n_layers`` stride-2 4x4 convs (the first without norm), one stride-1 4x4 conv, and a 4x4
     conv to one channel; LeakyReLU(0.2); weights N(0, 0.02) as in taming's ``weights_init``.
     """
 
+    Params = NLayerDiscriminatorParams
+
     def __init__(self, in_channels: int = 3, cond_channels: int = 0, ndf: int = 64, n_layers: int = 3,
                  norm: str = "batch"):
         super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"NLayerDiscriminator: n_layers must be >= 1, got {n_layers}")
-        if norm == "group" and ndf % min(32, ndf):
-            raise ValueError(f"NLayerDiscriminator: norm='group' needs ndf divisible by {min(32, ndf)}, got {ndf}")
+        self.params = NLayerDiscriminatorParams(in_channels, cond_channels, ndf, n_layers, norm)
         self.in_channels, self.cond_channels = in_channels, cond_channels
         bias = norm != "batch"  # a conv followed by BatchNorm needs no bias (taming)
         layers: list[nn.Module] = [conv(in_channels + cond_channels, ndf, 2), nn.LeakyReLU(0.2, True)]

@@ -11,6 +11,8 @@ Its latents are already diffusion space (scale 1, shift 0).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -84,29 +86,44 @@ def Decoder(latent_channels: int = 4, width: int = 64, flux_2: bool = False, dow
     return nn.Sequential(*layers, Block(widths[-1], widths[-1]), conv(widths[-1], 3))
 
 
+@dataclass(frozen=True)
+class TAESDParams:
+    latent_channels: int = 4
+    width: int = 64
+    encoder: bool = True
+    decoder: bool = True
+    flux_2: bool = False
+    downsample_factor: int = 8
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    def __post_init__(self):
+        if not (self.encoder or self.decoder):
+            raise ValueError("TAESD needs at least one half: set encoder=True and/or decoder=True")
+        if self.downsample_factor not in (4, 8, 32):
+            raise ValueError(f"TAESD downsample_factor must be 4, 8 or 32, got {self.downsample_factor}")
+
+
 class TAESD(Autoencoder):
     """TAESD as a vaetrain ``Autoencoder``; either half may be absent (one ``.pth`` file alone)."""
+
+    Params = TAESDParams
 
     def __init__(self, latent_channels: int = 4, width: int = 64, encoder: bool = True, decoder: bool = True,
                  flux_2: bool = False, downsample_factor: int = 8, scaling_factor: float = 1.0,
                  shift_factor: float = 0.0):
         super().__init__()
-        if not (encoder or decoder):
-            raise ValueError("TAESD needs at least one half: set encoder=True and/or decoder=True")
-        self.latent_channels = latent_channels
-        self.width = width
-        self.flux_2 = flux_2
-        self.downsample_factor = downsample_factor
-        self.scaling_factor = scaling_factor
-        self.shift_factor = shift_factor
-        self.encoder = Encoder(latent_channels, width, flux_2, downsample_factor) if encoder else None
-        self.decoder = Decoder(latent_channels, width, flux_2, downsample_factor) if decoder else None
-
-    def config(self) -> dict:
-        """The flags that rebuild this model (stored in saved files' metadata)."""
-        return dict(latent_channels=self.latent_channels, width=self.width, encoder=self.has_encoder,
-                    decoder=self.has_decoder, flux_2=self.flux_2, downsample_factor=self.downsample_factor,
-                    scaling_factor=self.scaling_factor, shift_factor=self.shift_factor)
+        self.params = p = TAESDParams(latent_channels, width, encoder, decoder, flux_2, downsample_factor,
+                                      scaling_factor, shift_factor)
+        self.latent_channels = p.latent_channels
+        self.width = p.width
+        self.flux_2 = p.flux_2
+        self.downsample_factor = p.downsample_factor
+        self.scaling_factor = p.scaling_factor
+        self.shift_factor = p.shift_factor
+        arch = (p.latent_channels, p.width, p.flux_2, p.downsample_factor)
+        self.encoder = Encoder(*arch) if p.encoder else None
+        self.decoder = Decoder(*arch) if p.decoder else None
 
     def encode_raw(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
         return self.encoder(model_to_unit(x))

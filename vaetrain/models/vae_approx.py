@@ -10,15 +10,18 @@ previews hand it the sampler's (diffusion-space) latents too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vaetrain.convention import to_diffusion
+from vaetrain.models import presets
 from vaetrain.models.base import Autoencoder
 
-# latent space -> (channels, scaling_factor, shift_factor); REFERENCE.md section 1
-LATENT_SPACES = {"sd1": (4, 0.18215, 0.0), "sdxl": (4, 0.13025, 0.0), "sd3": (16, 1.5305, 0.0609)}
+# the latent spaces A1111 ships VAEApprox files for -> (channels, scaling_factor, shift_factor)
+LATENT_SPACES = {k: v for k, v in presets.LATENT_SPACES.items() if k in ("sd1", "sdxl", "sd3")}
 
 
 class VAEApproxNet(nn.Module):
@@ -43,6 +46,16 @@ class VAEApproxNet(nn.Module):
         return x  # (B, 3, 2h, 2w)
 
 
+@dataclass(frozen=True)
+class VAEApproxParams:
+    latent_space: str = "sd1"
+    upsample_to_full: bool = False
+
+    def __post_init__(self):
+        if self.latent_space not in LATENT_SPACES:
+            raise ValueError(f"VAEApprox latent_space must be one of {sorted(LATENT_SPACES)}, got {self.latent_space!r}")
+
+
 class VAEApprox(Autoencoder):
     """Decoder-only Autoencoder around ``VAEApproxNet`` for the ``sd1``, ``sdxl`` or ``sd3`` latent space.
 
@@ -51,21 +64,18 @@ class VAEApprox(Autoencoder):
     ``output_scale`` is 2 or 8 accordingly; ``downsample_factor`` (8) is the latent space's own.
     """
 
+    Params = VAEApproxParams
     encoder = None
     downsample_factor = 8
 
     def __init__(self, latent_space: str = "sd1", upsample_to_full: bool = False):
         super().__init__()
-        if latent_space not in LATENT_SPACES:
-            raise ValueError(f"VAEApprox latent_space must be one of {sorted(LATENT_SPACES)}, got {latent_space!r}")
-        self.latent_space = latent_space
-        self.latent_channels, self.scaling_factor, self.shift_factor = LATENT_SPACES[latent_space]
-        self.upsample_to_full = upsample_to_full
-        self.output_scale = 8 if upsample_to_full else 2
+        self.params = p = VAEApproxParams(latent_space, upsample_to_full)
+        self.latent_space = p.latent_space
+        self.latent_channels, self.scaling_factor, self.shift_factor = LATENT_SPACES[p.latent_space]
+        self.upsample_to_full = p.upsample_to_full
+        self.output_scale = 8 if p.upsample_to_full else 2
         self.decoder = VAEApproxNet(self.latent_channels)
-
-    def config(self) -> dict:
-        return dict(latent_space=self.latent_space, upsample_to_full=self.upsample_to_full)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         x = self.decoder(z)
