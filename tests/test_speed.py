@@ -111,7 +111,8 @@ def _curve(tmp_path, name, fused=True, **module):
     return [float(r["train/total"]) for r in rows]
 
 
-@pytest.mark.parametrize("option", [{"channels_last": True}, {"compile": "aot_eager"}, {"fused": False}])
+@pytest.mark.parametrize("option", [{"channels_last": True}, {"compile": "aot_eager"}, {"fused": False},
+                                    {"grad_checkpointing": True}])
 def test_speed_options_leave_the_loss_curve_unchanged(option, tmp_path):
     base = _curve(tmp_path, "base")
     other = _curve(tmp_path, "other", **option)

@@ -53,7 +53,8 @@ class VAETrainModule(L.LightningModule):
                  decode_latents: bool = False, accumulate: int = 1, grad_clip: float | None = 1.0,
                  d_grad_clip: float | None = None, warmup_steps: int = 0, total_steps: int | None = None,
                  min_lr_ratio: float = 0.1, ema_decay: float | None = 0.999, max_nonfinite_in_a_row: int = 20,
-                 seed: int = 0, grid_images: int = 4, channels_last: bool = False, compile: str | None = None):
+                 seed: int = 0, grid_images: int = 4, channels_last: bool = False, compile: str | None = None,
+                 grad_checkpointing: bool = False):
         super().__init__()
         check_mode(mode, target, teacher, teacher_b, adversarial, decode_latents, accumulate)
         self.automatic_optimization = False
@@ -67,6 +68,11 @@ class VAETrainModule(L.LightningModule):
                             target, sample_posterior, decode_latents, self._noise)
         pats = default_frozen(student, mode) if trainable is None and frozen is None else frozen
         self.trainable_names = select_parameters(student, trainable, pats)
+        if grad_checkpointing:
+            if not hasattr(student, "set_gradient_checkpointing"):
+                raise ValueError(f"module.grad_checkpointing: {type(student).__name__} does not support it (the KL "
+                                 f"autoencoders do; tiny students need no checkpointing)")
+            student.set_gradient_checkpointing(True)
         self._frozen_modules = fully_frozen_modules(student)
         # copied before loss terms attach hooks to the student, so the EMA carries none
         self.ema = EMA(student, ema_decay) if ema_decay is not None else None
