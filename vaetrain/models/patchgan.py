@@ -6,6 +6,9 @@ statistics differ per DDP rank unless synced, and real and fake batches pass sep
 ``cond_channels`` makes it latent-conditioned the Seraena/TAESD way: the latent is
 nearest-upsampled to the image size and concatenated to the RGB input, so the discriminator judges
 "is this a plausible decoding of *this* latent" rather than "is this a plausible image".
+``spectral_norm`` (SN-GAN, Miyato et al. 2018) divides every conv's weight by its top singular value;
+the weights are then stored as ``main.{i}.parametrizations.weight.original`` (taming's checkpoints
+load only without it).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations
 
 
 def conv(n_in: int, n_out: int, stride: int, bias: bool = True) -> nn.Conv2d:
@@ -37,7 +41,7 @@ class NLayerDiscriminator(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, cond_channels: int = 0, ndf: int = 64, n_layers: int = 3,
-                 norm: str = "batch"):
+                 norm: str = "batch", spectral_norm: bool = False):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"NLayerDiscriminator: n_layers must be >= 1, got {n_layers}")
@@ -55,6 +59,10 @@ class NLayerDiscriminator(nn.Module):
         layers += [conv(ndf * mult, 1, 1)]
         self.main = nn.Sequential(*layers)
         self.reset_parameters()
+        if spectral_norm:  # after the init, which it then normalises (one power iteration per training forward)
+            for m in self.main:
+                if isinstance(m, nn.Conv2d):
+                    parametrizations.spectral_norm(m)
 
     def reset_parameters(self) -> None:
         for m in self.modules():
