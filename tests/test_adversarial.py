@@ -7,6 +7,10 @@ from __future__ import annotations
 import functools
 import inspect
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,7 +103,7 @@ def test_d_warmup_trains_d_while_g_weight_is_zero():
             d.backward()
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
-            d_losses.append(float(d))
+            d_losses.append(d.item())
     assert len(d_losses) == 5 and d_losses[3] < d_losses[0]  # D learned during the warm-up (steps 1-3)
     assert Adversarial(small_d(), start_step=7).d_start_step == 7  # default: D and G start together
     with pytest.raises(UserError, match="d_start_step=5 is after start_step=2"):
@@ -461,7 +465,7 @@ def _run(run_dir, max_steps, resume=None):
                          val_count=2, synthetic_count=64, seed=3)
     return train(student, dm, loss={"mse": MSE(target="real"), "kl": KL(weight=1e-4)}, discriminator=adv,
                  optimizer=functools.partial(torch.optim.Adam, lr=1e-3),
-                 module={"ema_decay": 0.9, "warmup_steps": 2, "total_steps": 6},
+                 module={"ema_decay": 0.9, "warmup_steps": 2, "total_steps": 4},
                  trainer=dict(accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0,
                               num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False),
                  callbacks={"ckpt": functools.partial(Checkpoint, every_n_steps=100)}, run_dir=str(run_dir),
@@ -472,13 +476,35 @@ def test_engine_resume_with_every_option_continues_exactly(tmp_path):
     """Through the training engine: the replay buffer is in the Lightning checkpoint (weights_only loads it), and a
     run stopped and resumed equals the straight one bit for bit (the buffer, its draws, R1 steps on both sides of
     the split, spectral-norm vectors)."""
-    straight = _run(tmp_path / "straight", 6)
-    assert _run(tmp_path / "split", 4)["steps"] == 4  # split at an epoch boundary (4 images, batch 2), as test_resume
-    resumed = _run(tmp_path / "split", 6, resume="auto")
+    straight = _run(tmp_path / "straight", 4)
+    assert _run(tmp_path / "split", 2)["steps"] == 2  # split at an epoch boundary (4 images, batch 2), as test_resume
+    resumed = _run(tmp_path / "split", 4, resume="auto")
     a = torch.load(straight["checkpoint"], weights_only=True)["state_dict"]
     b = torch.load(resumed["checkpoint"], weights_only=True)["state_dict"]
     ra, rb = a.pop("adversarial.replay._extra_state"), b.pop("adversarial.replay._extra_state")
-    assert ra["count"] == rb["count"] == 10 and torch.equal(ra["fakes"], rb["fakes"])  # 5 D steps x batch 2
+    # D steps 1-3 x batch 2 into 5 slots: the last push overwrites random slots after the split
+    assert ra["count"] == rb["count"] == 6 and torch.equal(ra["fakes"], rb["fakes"])
     assert a.keys() == b.keys() and any("parametrizations.weight.original" in k for k in a)
     diff = [k for k in a if k.startswith(("student.", "adversarial.")) and not torch.equal(a[k], b[k])]
     assert not diff, diff[:3]
+
+
+def test_ddp_with_every_option(tmp_path):
+    """2 CPU processes (gloo) as users launch them: R1's double backward, the corrected target's inner gradient and
+    per-rank replay buffers under DDP; both ranks end with the same student, and the checkpoint holds the buffer."""
+    cmd = [sys.executable, "-m", "vaetrain.cli", "train", "trainer=ddp_cpu", "loss@loss.lpips=lpips_random",
+           "student.width=8", "data=synthetic", "data.image_size=32", "data.batch_size=2", "data.num_workers=0",
+           "data.epoch_length=6", "data.val_count=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
+           "trainer.limit_val_batches=1", "callbacks.checkpoint.every_n_steps=10", "trainer.enable_progress_bar=false",
+           "logger=csv", "export=[]", "discriminator.start_step=1", "discriminator.loss=lsgan",
+           "discriminator.r1_weight=1.0", "discriminator.r1_every=2", "discriminator.replay_size=8",
+           "discriminator.corrected_target=true", "discriminator.adaptive=false",
+           "discriminator.discriminator.spectral_norm=true", f"run_dir={tmp_path / 'run'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    r = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert r["world_size"] == 2 and r["steps"] == 3
+    assert len(r["replica_checksums"]) == 2 and r["replica_checksums"][0] == r["replica_checksums"][1]
+    sd = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert sd["adversarial.replay._extra_state"]["count"] == 4  # rank 0's buffer: D steps 1 and 2, batch 2

@@ -70,9 +70,10 @@ def corrected_target(discriminator, fake: Tensor, real: Tensor, scale: float = 2
     in eval mode (Seraena's ``disc.eval()``) so no D parameter is touched."""
     with torch.no_grad():
         ref = discriminator(real.detach()).float()
-    x = fake.detach().requires_grad_(True)
-    dist = (discriminator(x).float() - ref).pow(2).flatten(1).sum(1)  # (B,) one distance per image
-    (grad,) = torch.autograd.grad(dist.sum(), x)
+    with torch.enable_grad():  # the correction is a gradient even where the caller runs without autograd
+        x = fake.detach().requires_grad_(True)
+        dist = (discriminator(x).float() - ref).pow(2).flatten(1).sum(1)  # (B,) one distance per image
+        (grad,) = torch.autograd.grad(dist.sum(), x)
     with fp32(fake.device):
         step = -grad.float() / ref[0].numel()  # the gradient of Seraena's per-image mean
         step = step / (step.std(correction=0) + 1e-5)
