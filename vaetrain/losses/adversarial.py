@@ -67,7 +67,10 @@ def corrected_target(discriminator, fake: Tensor, real: Tensor, scale: float = 2
     same correction, but a half-precision backward through D stays clear of underflow.
 
     ``discriminator`` is a callable ``image -> logits`` (condition already bound); run it frozen and
-    in eval mode (Seraena's ``disc.eval()``) so no D parameter is touched."""
+    in eval mode (Seraena's ``disc.eval()``) so no D parameter is touched. Where we depart: the
+    engine runs the G step first, so the correction uses D before this batch's D step (Seraena
+    steps D on the batch, then corrects), and D's output is our one-channel logit map, not
+    Seraena's stack of per-layer projections."""
     with torch.no_grad():
         ref = discriminator(real.detach()).float()
     with torch.enable_grad():  # the correction is a gradient even where the caller runs without autograd
