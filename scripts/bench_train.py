@@ -24,10 +24,9 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from vaetrain.engine.module import VAETrainModule
-from vaetrain.engine.performance import device_peak_flops
+from vaetrain.engine.performance import device_peak_flops, flop_counter
 from vaetrain.losses import LPIPS, MSE, Adversarial, adaptive_weight, frozen
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.patchgan import NLayerDiscriminator
@@ -141,7 +140,7 @@ def run_loop(shape: Shape, data: list[dict], steps: int, warmup: int, device: st
     for i in range(steps):
         b = data[i % len(data)]
         stamps.append(time.perf_counter())
-        mode = FlopCounterMode(display=False) if flops and i == warmup else None
+        mode = flop_counter() if flops and i == warmup else None
         if mode is not None:
             mode.__enter__()
         x = b["image"].to(dev, non_blocking=True).float().div_(127.5).sub_(1)

@@ -249,3 +249,16 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path):
         results.append({k: v.clone() for k, v in student.state_dict().items()})
     a, b = results
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_discriminator_warm_up_trains_d_before_its_verdict_reaches_g(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    adv = Adversarial(NLayerDiscriminator(ndf=8, n_layers=2, norm="none"), d_start_step=0, start_step=3)
+    d0 = {k: v.clone() for k, v in adv.state_dict().items()}
+    m = VAETrainModule(tiny_kl(), losses={"mse": MSE(target="real")}, adversarial=adv, ema_decay=None)
+    fit(m, steps=2, tmp_path=tmp_path, logger=CSVLogger(str(tmp_path), name="", version=""), log_every_n_steps=1)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert any(not torch.equal(d0[k], v) for k, v in adv.state_dict().items()), "D did not train in its warm-up"
+    assert sum(bool(r.get("train/d_loss")) for r in rows) == 2
+    assert not any(r.get("train/adv_g") for r in rows), "the adversarial term reached G before start_step"

@@ -218,6 +218,7 @@ class VAETrainModule(L.LightningModule):
         # ---- G step: D frozen (toggle_model); between accumulation boundaries DDP does not all-reduce
         with opt_g.toggle_model(sync_grad=boundary):
             inp = self.forward_mode(self.student, batch, self.setup_, True)
+            inp.step = step  # the terms that act on a schedule (R1's cadence) read the global step
             values = {name: term(inp) for name, term in self.losses.items()}
             total = sum((term.weight * values[name] for name, term in self.losses.items()),
                         torch.zeros((), device=self.device))

@@ -6,11 +6,12 @@ Guards against the silent failures users of other VAE trainers report: LPIPS is 
 autocast off; the discriminator loss detaches fakes and the generator loss freezes the discriminator.
 """
 
-from vaetrain.losses.adversarial import Adversarial, adaptive_weight, frozen
+from vaetrain.losses.adversarial import Adversarial, adaptive_weight, corrected_target, frozen, r1_penalty
 from vaetrain.losses.base import LossInputs, LossTerm
 from vaetrain.losses.latent import KL, ActivationPenalty, LatentMSE
 from vaetrain.losses.lpips import LPIPS
 from vaetrain.losses.pixel import L1, MSE
+from vaetrain.losses.replay import ReplayBuffer
 
 __all__ = ["LossInputs", "LossTerm", "MSE", "L1", "LPIPS", "KL", "LatentMSE", "ActivationPenalty",
-           "Adversarial", "adaptive_weight", "frozen"]
+           "Adversarial", "adaptive_weight", "corrected_target", "frozen", "r1_penalty", "ReplayBuffer"]

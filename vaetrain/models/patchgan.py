@@ -6,6 +6,9 @@ statistics differ per DDP rank unless synced, and real and fake batches pass sep
 ``cond_channels`` makes it latent-conditioned the Seraena/TAESD way: the latent is
 nearest-upsampled to the image size and concatenated to the RGB input, so the discriminator judges
 "is this a plausible decoding of *this* latent" rather than "is this a plausible image".
+``spectral_norm`` (SN-GAN, Miyato et al. 2018) divides every conv's weight by its top singular value;
+the weights are then stored as ``main.{i}.parametrizations.weight.original`` (taming's checkpoints
+load only without it).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from vaetrain.models.base import HasParams
 
@@ -59,7 +63,7 @@ class NLayerDiscriminator(HasParams, nn.Module):
     Params = NLayerDiscriminatorParams
 
     def __init__(self, in_channels: int = 3, cond_channels: int = 0, ndf: int = 64, n_layers: int = 3,
-                 norm: str = "batch"):
+                 norm: str = "batch", spectral_norm: bool = False):
         super().__init__()
         self.params = NLayerDiscriminatorParams(in_channels, cond_channels, ndf, n_layers, norm)
         self.in_channels, self.cond_channels = in_channels, cond_channels
@@ -74,6 +78,10 @@ class NLayerDiscriminator(HasParams, nn.Module):
         layers += [conv(ndf * mult, 1, 1)]
         self.main = nn.Sequential(*layers)
         self.reset_parameters()
+        if spectral_norm:  # after the init, which it then normalises (one power iteration per training forward)
+            for m in self.main:
+                if isinstance(m, nn.Conv2d):
+                    parametrizations.spectral_norm(m)
 
     def reset_parameters(self) -> None:
         for m in self.modules():
