@@ -79,7 +79,8 @@ class StreamingImages(IterableDataset):
                  one_pass: bool = False, expect_cache_meta: dict | None = None):
         self.spec, self.units, self.rank, self.world_size = spec, units, rank, world_size
         self.prep = spec.preprocess()
-        # one_pass: a single ordered pass over this rank's share whatever the epoch options (cache-latents)
+        # one_pass: a single ordered pass over this rank's share, last partial batch included, whatever the
+        # epoch options (cache-latents)
         self.one_pass = one_pass
         self.epoch_length = None if one_pass else spec.epoch_length
         self.shuffle = spec.shuffle and not one_pass
@@ -262,7 +263,7 @@ class StreamingImages(IterableDataset):
         position = Position(skip=st["pos"])
         pipeline = wds.DataPipeline(
             lambda: self._ordered(epoch, worker, num_workers, quota is not None, count_shard),
-            position, wds.map(decode, handler=skip), self._batches(quota is None and not spec.drop_last))
+            position, wds.map(decode, handler=skip), self._batches(quota is None and (self.one_pass or not spec.drop_last)))
         if quota is not None:
             # a fixed-length epoch: the unit stream is endless, with_epoch cuts this worker's share
             pipeline = pipeline.with_epoch(nbatches=quota - st["batches"]) if quota > st["batches"] else []
