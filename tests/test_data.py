@@ -6,18 +6,25 @@ import functools
 import http.server
 import io
 import json
+import random
 import shutil
+import tarfile
 import threading
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
+from vaetrain.cli import main
 from vaetrain.commands.shards import make_shards
+from vaetrain.convention import uint8_to_model
 from vaetrain.data import DataError, ImageDataModule, SkipSample, crop_resize, open_image
 from vaetrain.data.faults import REASONS
+from vaetrain.data.sources import gopen_s3
 from vaetrain.data.tars import ShardWriter, members_of
 from vaetrain.safe import UserError
 
@@ -167,10 +174,6 @@ def test_http_urls_through_webdataset_gopen(photo_shards):
 def test_s3_urls_go_to_the_aws_cli(photo_shards, monkeypatch):
     """s3:// opens through `aws s3 cp URL -` (registered in webdataset's scheme table); here it cannot reach a
     bucket, so the shard is an unreadable source, counted, next to a readable one."""
-    import webdataset as wds
-
-    from vaetrain.data.sources import gopen_s3
-
     assert wds.gopen_schemes["s3"] is gopen_s3
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credential lookups over the network
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
@@ -271,8 +274,6 @@ def test_min_size_and_bad_bytes():
 
 
 def test_crop_resize_draft_matches_full_decode():
-    import random
-
     rng = np.random.default_rng(0)
     big = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).resize((960, 640), Image.BICUBIC)
     data = encode(big, "JPEG", quality=95)
@@ -332,8 +333,6 @@ GOOD = [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(7)] + [f"c{i}" for 
 
 
 def test_truncation_at_a_member_boundary_is_seen(salted):
-    import tarfile
-
     with tarfile.open(salted[3], "r|") as tf:  # what webdataset's tar_file_iterator relies on
         assert len([m for m in tf]) == 3      # three members, no error: looks complete
     m = dm([salted[3]], batch_size=1, shuffle=False)
@@ -350,10 +349,6 @@ def test_salted_shards_exact_skip_counts(salted, workers):
 
 
 def test_salted_shards_train_through_lightning(salted):
-    import lightning.pytorch as pl
-
-    from vaetrain.convention import uint8_to_model
-
     class Tiny(pl.LightningModule):
         def __init__(self):
             super().__init__()
@@ -442,8 +437,6 @@ def test_bad_options_are_one_line_naming_key_and_value(key, value, match):
 
 
 def test_cli_prints_data_errors_in_one_line(tmp_path):
-    from vaetrain.cli import main
-
     with pytest.raises(SystemExit) as e:
         main(["train", "experiment=tiny", "data.batch_size=-1", f"run_dir={tmp_path}"])
     assert "data.batch_size=-1" in str(e.value.code) and "\n" not in str(e.value.code)

@@ -3,6 +3,7 @@ counts that continue, and end to end through `vaetrain train` killed with SIGTER
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
 
 import vaetrain.data.pipeline as pipeline_mod
 from vaetrain.commands.shards import make_shards
@@ -68,8 +71,6 @@ def test_fast_forward_does_not_decode(tmp_path, monkeypatch):
     photos.mkdir()
     for i in range(12):
         torch.manual_seed(i)
-        from PIL import Image
-
         Image.fromarray((torch.rand(24, 32, 3) * 255).byte().numpy()).save(photos / f"{i:02d}.png")
     shards = tmp_path / "s"
     make_shards([str(photos)], str(shards), max_samples=4)
@@ -92,9 +93,6 @@ def test_fast_forward_does_not_decode(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def salted(tmp_path_factory) -> str:
     """2 shards of 6: 2 corrupt samples, 1 without an image, and a truncated second shard."""
-    from PIL import Image
-    import io
-
     out = tmp_path_factory.mktemp("salted")
     w = ShardWriter(out, "s", max_samples=6)
     for i in range(12):
@@ -107,7 +105,8 @@ def salted(tmp_path_factory) -> str:
         w.write(f"k{i:02d}", fields)
     shards = [out / s["name"] for s in w.close()]
     data = shards[1].read_bytes()
-    shards[1].write_bytes(data[: data.index(b"k11.png") - 0 - (data.index(b"k11.png") % 512)])
+    pos = data.index(b"k11.png")  # the header of the last sample: cut exactly before it
+    shards[1].write_bytes(data[: pos - pos % 512])
     return str(out)
 
 
@@ -159,8 +158,6 @@ class Recorder(pl.LightningModule):
 
 
 def fit(model, dm, max_steps, root, ckpt=None, save_every=None):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     cbs = [ModelCheckpoint(dirpath=str(root), filename="{step}", every_n_train_steps=save_every, save_top_k=-1)] \
         if save_every else []
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, callbacks=cbs,

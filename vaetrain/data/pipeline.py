@@ -113,7 +113,7 @@ class StreamingImages(IterableDataset):
         total = self.epoch_length // self.spec.batch_size  # per rank
         return total // num_workers + (worker < total % num_workers)
 
-    def _passes(self, epoch: int, worker: int, num_workers: int, endless: bool) -> Iterator[Iterator[dict]]:
+    def _passes(self, epoch: int, worker: int, endless: bool) -> Iterator[Iterator[dict]]:
         """The unit lists this worker reads in turn: one endless resampled draw, or its
         share of the epoch's permutation, pass after pass."""
         seed = self.spec.seed
@@ -132,7 +132,7 @@ class StreamingImages(IterableDataset):
             if self.shuffle:  # later passes of a fixed-length epoch: the same share in a new order
                 random.Random(f"pass-{seed}-{epoch}-{self.rank}-{worker}-{pass_}").shuffle(share)
 
-    def _ordered(self, epoch: int, worker: int, num_workers: int, endless: bool, count_shard) -> Iterator[dict]:
+    def _ordered(self, epoch: int, worker: int, endless: bool, count_shard) -> Iterator[dict]:
         """Raw samples in this epoch's order. The shuffle buffer is drained at the end of each pass, so an
         epoch of one pass sees every sample of the share exactly once."""
         spec = self.spec
@@ -140,7 +140,7 @@ class StreamingImages(IterableDataset):
         if self.shuffle and spec.shuffle_buffer > 1:
             rng = random.Random(f"shuffle-{spec.seed}-{epoch}-{self.rank}-{worker}")
             shuffle = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, rng=rng)
-        for units in self._passes(epoch, worker, num_workers, endless):
+        for units in self._passes(epoch, worker, endless):
             raw = self._raw(units, count_shard)
             yield from shuffle(raw) if shuffle is not None else raw
 
@@ -262,7 +262,7 @@ class StreamingImages(IterableDataset):
 
         position = Position(skip=st["pos"])
         pipeline = wds.DataPipeline(
-            lambda: self._ordered(epoch, worker, num_workers, quota is not None, count_shard),
+            lambda: self._ordered(epoch, worker, quota is not None, count_shard),
             position, wds.map(decode, handler=skip), self._batches(quota is None and (self.one_pass or not spec.drop_last)))
         if quota is not None:
             # a fixed-length epoch: the unit stream is endless, with_epoch cuts this worker's share
