@@ -14,6 +14,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
@@ -48,8 +50,9 @@ def take(loader, n: int, it=None):
 
 
 @pytest.mark.parametrize("options", [dict(num_workers=0), dict(num_workers=1), dict(num_workers=2),
-                                     dict(num_workers=2, resampled=True), dict(epoch_length=None)],
-                         ids=["0w", "1w", "2w", "2w-resampled", "one-pass"])
+                                     dict(num_workers=2, resampled=True), dict(epoch_length=None),
+                                     dict(num_workers=1, shuffle=False)],
+                         ids=["0w", "1w", "2w", "2w-resampled", "one-pass", "no-shuffle"])
 def test_resume_at_any_batch_gives_the_same_stream(options):
     make = lambda: synthetic(**options)  # noqa: E731
     total = 3 * (5 if options.get("epoch_length", 12) is None else 6)
@@ -139,6 +142,42 @@ def test_another_data_order_starts_a_fresh_epoch(capsys):
     fresh.set_epoch(1)
     assert keys == [k for b in fresh.train_dataloader() for k in b["__key__"]]
     assert other.skip_stats()["samples"] == 6 + 12  # the interrupted epoch's 3 batches still count
+
+
+def _two_ranks(rank: int, phase: str, folder: str) -> None:
+    """One rank of a 2-process gloo group: stream, checkpoint (rank 0 writes, as Lightning does) or resume."""
+    out = Path(folder)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}-{phase}", rank=rank, world_size=2)
+    try:
+        make = lambda: synthetic(num_workers=1, rank=rank, world_size=2, synthetic_count=12)  # noqa: E731
+        if phase == "straight":
+            got, _ = take(make().train_dataloader(), 9)
+        elif phase == "first":
+            m = make()
+            got, it = take(m.train_dataloader(), 4)
+            state = m.state_dict()  # a collective: every rank's position
+            if rank == 0:
+                torch.save(state, out / "state.pt")
+        else:
+            m = make()
+            m.load_state_dict(torch.load(out / "state.pt", weights_only=True))
+            got, _ = take(m.train_dataloader(), 5)
+        (out / f"{phase}-{rank}.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_its_own_position(tmp_path):
+    """Lightning writes rank 0's checkpoint only: the loader state gathers every rank's position into it."""
+    for phase in ("straight", "first", "resumed"):
+        mp.start_processes(_two_ranks, args=(phase, str(tmp_path)), nprocs=2, start_method="fork")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert set(state["loader"]["ranks"]) == {0, 1}
+    runs = {name: [json.loads((tmp_path / f"{name}-{r}.json").read_text()) for r in range(2)]
+            for name in ("straight", "first", "resumed")}
+    for r in range(2):
+        assert runs["first"][r] + runs["resumed"][r] == runs["straight"][r]
+    assert runs["straight"][0] != runs["straight"][1]
 
 
 class Recorder(pl.LightningModule):

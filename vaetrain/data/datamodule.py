@@ -166,6 +166,8 @@ class ImageDataModule(pl.LightningDataModule):
         if self._train is not None:
             return faults.totals(self._train.counts())
         st = self._pending_state
+        if st and "ranks" in st:
+            st = st["ranks"].get(self.rank_and_world()[0])
         counts = faults.zeros()
         if st:
             counts = list(st["base"])

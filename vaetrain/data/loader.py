@@ -16,9 +16,11 @@ worker 0). What this class adds:
   worker process 0. Original Traceback" text.
 
 State: ``{"next_epoch", "resume" (torchdata state or None: start next_epoch fresh), "base" (counts before
-that epoch), "workers" (per-worker counts within it), "order" (what the data order depends on)}``. A state
-written for another order (batch size, workers, ranks, shards, seed...) starts the next epoch fresh and
-says so, instead of replaying positions that no longer mean the same samples.
+that epoch), "workers" (per-worker counts within it), "order" (what the data order depends on)}``. Under a
+process group the states of all ranks are gathered into ``{"ranks": {rank: state}}``, since Lightning writes
+rank 0's checkpoint only, and each rank loads its own. A state written for another order (batch size,
+workers, ranks, shards, seed...) starts the next epoch fresh and says so, instead of replaying positions that
+no longer mean the same samples.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vaetrain.data import faults
@@ -142,6 +145,16 @@ class ResumableLoader(StatefulDataLoader):
                 "workers": {int(k): list(v) for k, v in workers.items()}, "order": dict(self.order)}
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's state; under a process group, every rank's (a collective: checkpoints are written by all
+        ranks together)."""
+        mine = self._local_state()
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return mine
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, mine)
+        return {"version": STATE_VERSION, "ranks": {int(s["order"]["rank"]): s for s in states}}
+
+    def _local_state(self) -> dict[str, Any]:
         if self._epoch is None:
             return copy.deepcopy(self._idle_state) if self._idle_state else \
                 self._make(self._next_epoch, None, self._base, {})
@@ -159,6 +172,15 @@ class ResumableLoader(StatefulDataLoader):
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data: the checkpoint's loader state has version {state.get('version')!r}; this "
                             f"vaetrain reads version {STATE_VERSION} (resume with the vaetrain that wrote it)")
+        if "ranks" in state:
+            ranks = state["ranks"]
+            rank = int(self.order["rank"])
+            if rank not in ranks:  # more ranks than the run that wrote it: this rank starts the next epoch afresh
+                some = next(iter(ranks.values()))
+                state = {**some, "next_epoch": some["next_epoch"] + (some["resume"] is not None), "resume": None,
+                         "base": faults.zeros(), "workers": {}, "order": None}
+            else:
+                state = ranks[rank]
         base, workers, resume = list(state["base"]), dict(state["workers"]), state["resume"]
         next_epoch = int(state["next_epoch"])
         if state.get("order") is not None and state["order"] != self.order:
