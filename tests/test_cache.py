@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaetrain.cache import cache_latents, teacher_fingerprint
+from vaetrain.commands.cache_latents import cache_latents
+from vaetrain.commands.shards import make_shards
 from vaetrain.convention import uint8_to_model
-from vaetrain.data import ImageDataModule
+from vaetrain.data import DataError, ImageDataModule
+from vaetrain.data.latent_cache import teacher_fingerprint
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.taesd import TAESD
 
@@ -65,7 +67,9 @@ def test_cache_round_trip(photos, cache):
     assert summary["samples"] == 12 and [s["samples"] for s in summary["shards"]] == [5, 5, 2]
     meta = json.loads((out / "cache_meta.json").read_text())
     assert meta["teacher"] == teacher_fingerprint(teacher) and meta["teacher_b"] == teacher_fingerprint(teacher_b)
-    assert (meta["image_size"], meta["crop"], meta["flip"], meta["dtype"]) == (32, "center", False, "fp16")
+    pre = meta["preprocess"]
+    assert (pre["image_size"], pre["crop"], pre["flip"], pre["resample"], meta["dtype"]) == (32, "center", False,
+                                                                                             "bicubic", "fp16")
     m = cached_dm(out)
     m.expect_teacher(teacher, teacher_b)
     batches = list(m.train_dataloader())
@@ -94,22 +98,24 @@ def test_stale_cache_refused(photos, cache):
         next(other.parameters()).view(-1)[0] += 1e-3  # one weight changed
     m = cached_dm(out)
     m.expect_teacher(other)
-    with pytest.raises(ValueError, match=r"stale latent cache \(teacher: cache has 'AutoencoderKL\("):
+    with pytest.raises(DataError, match=r"stale latent cache \(teacher: cache has 'AutoencoderKL\("):
         m.train_dataloader()
-    with pytest.raises(ValueError, match=r"image_size: cache has 32, expected 64"):
+    with pytest.raises(DataError, match=r"preprocess.image_size: cache has 32, expected 64"):
         cached_dm(out, image_size=64).train_dataloader()
-    with pytest.raises(ValueError, match="flip must be false"):
+    # every crop option that shaped the cached images is part of the identity
+    for option, value in (("resample", "nearest"), ("resize_to", 48), ("min_size", 16), ("native_fraction", 0.5)):
+        with pytest.raises(DataError, match=rf"preprocess.{option}: cache has .*, expected {value!r}"):
+            cached_dm(out, **{option: value}).train_dataloader()
+    with pytest.raises(DataError, match="data.flip=true with data.source=cached"):
         cached_dm(out, flip=True)
     m = cached_dm(out, expect_cache_meta={"teacher": "TAESD()@0"})
-    with pytest.raises(ValueError, match="rebuild it with `vaetrain cache-latents`"):
+    with pytest.raises(DataError, match="rebuild it with `vaetrain cache-latents`"):
         m.train_dataloader()
 
 
 def test_not_a_cache_refused(photos, tmp_path):
-    from vaetrain.shards import make_shards
-
     make_shards([str(photos)], str(tmp_path), max_size=48)
-    with pytest.raises(ValueError, match="not a vaetrain latent cache"):
+    with pytest.raises(DataError, match="not a vaetrain latent cache"):
         cached_dm(tmp_path).train_dataloader()
 
 
@@ -158,3 +164,16 @@ def test_cli_with_real_taef2(assets, tmp_path):
     assert b["latent"].shape == (3, 32, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(b["latent"].float(), taef2.encode(uint8_to_model(b["image"])), atol=5e-3, rtol=5e-3)
+
+
+def test_a_stale_shard_among_good_ones_stops_the_worker_in_one_line(photos, cache, tmp_path):
+    """Every shard carries its meta record: a shard from another teacher's cache, mixed in, is refused when a
+    loader worker reaches it, as the same one line as in the main process (not torch's worker traceback)."""
+    out, teacher, _, _ = cache
+    cache_latents(tiny_taesd(), image_dm(photos), str(tmp_path), dtype="fp16", device="cpu", samples_per_shard=6)
+    mixed = [str(p) for p in sorted(out.glob("cache-*.tar"))] + [str(sorted(tmp_path.glob("cache-*.tar"))[0])]
+    m = cached_dm(out, shards=mixed, num_workers=1)
+    m.expect_teacher(teacher)
+    with pytest.raises(DataError, match=r"^\S+cache-r000-000000.tar: stale latent cache \(teacher: cache has 'TAESD") as e:
+        list(m.train_dataloader())
+    assert "\n" not in str(e.value) and "Caught" not in str(e.value)

@@ -212,8 +212,8 @@ def test_sigterm_writes_a_checkpoint_then_resume_finishes(tmp_path):
     kill = _SigtermAt(1)
     cbs = {"ckpt": functools.partial(Checkpoint, every_n_steps=100), "preempt": functools.partial(Preemption),
            "kill": kill}
-    dm = data(n_batches=4)
-    dm.num_workers, dm.persistent_workers = 1, True  # a loader worker must survive the signal too
+    # a loader worker must survive the signal too
+    dm = ImageDataModule(data(n_batches=4).spec.replace(num_workers=1, persistent_workers=True))
     r = train(kl(f=2), dm, callbacks=cbs, **kw)
     assert kill.workers, "no loader worker was signalled"
     assert kill.survived, "a loader worker died of the pre-emption signal"

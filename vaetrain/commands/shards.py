@@ -1,10 +1,10 @@
 """``vaetrain shards INPUT... OUTPUT``: pack image folders into WebDataset tar shards.
 
-Output follows img2dataset's layout (``KEY.jpg`` + ``KEY.json`` [+ ``KEY.txt``] per sample) so the
-same loader reads both. Runs are reproducible: a sorted walk, keys from the sample index, tar
-headers with fixed mtime/uid/mode, and a deterministic re-encode, so the same input gives
-byte-identical shards. Every shard and the manifest are written to a temporary name and renamed,
-so a killed run never leaves a half-written file under a final name.
+Output follows img2dataset's layout (``KEY.jpg`` + ``KEY.json`` [+ ``KEY.txt``] per sample) so the same
+loader reads both. Runs are reproducible: a sorted walk, keys from the sample index, tar headers with a
+fixed mtime/uid/mode, and a deterministic re-encode, so the same input gives byte-identical shards. Every
+shard and the manifest are written atomically, so a killed run never leaves a half-written file under a
+final name.
 """
 
 from __future__ import annotations
@@ -13,74 +13,19 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
-from vaetrain.data import IMAGE_EXTS, SkipSample, list_images, open_image
+from vaetrain.data.faults import DataError, SkipSample
+from vaetrain.data.images import IMAGE_EXTS, list_images, open_image
+from vaetrain.data.tars import ShardWriter
+from vaetrain.safe import atomic_write_json
 
 FORMATS = {"keep": None, "jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _EXT = {"JPEG": "jpg", "WEBP": "webp", "PNG": "png"}
-
-
-class ShardWriter:
-    """Writes samples into numbered tars, rolling over at ``max_samples`` or ``max_bytes``."""
-
-    def __init__(self, output: str | os.PathLike, prefix: str = "shard", max_samples: int = 10_000,
-                 max_bytes: int = 1 << 30):
-        self.dir = Path(output)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.prefix, self.max_samples, self.max_bytes = prefix, max_samples, max_bytes
-        self.shards: list[dict] = []
-        # members written at the head of every shard (a latent cache's __meta__.json record)
-        self.header: dict[str, bytes] = {}
-        self._tar: tarfile.TarFile | None = None
-        self._n = self._bytes = 0
-
-    def _open(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._path = self.dir / name
-        self._tmp = self.dir / f".{name}.tmp"
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
-        self._n = self._bytes = 0
-        for name, data in self.header.items():
-            self.add_member(name, data)
-
-    def _close(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        os.replace(self._tmp, self._path)
-        self.shards.append({"name": self._path.name, "samples": self._n,
-                            "bytes": self._path.stat().st_size})
-        self._tar = None
-
-    def add_member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
-        self._bytes += 512 + len(data) + (-len(data) % 512)
-
-    def write(self, key: str, fields: dict[str, bytes]) -> None:
-        """One sample: ``fields`` maps extension -> bytes (``{"jpg": ..., "json": ...}``)."""
-        size = sum(512 + len(v) for v in fields.values())
-        if self._tar is not None and (self._n >= self.max_samples or
-                                      (self._n and self._bytes + size > self.max_bytes)):
-            self._close()
-        if self._tar is None:
-            self._open()
-        for ext, data in fields.items():
-            self.add_member(f"{key}.{ext}", data)
-        self._n += 1
-
-    def close(self) -> list[dict]:
-        self._close()
-        return self.shards
 
 
 def _encode(args: tuple) -> tuple[str, str, dict | str]:
@@ -131,18 +76,23 @@ def make_shards(inputs: list[str] | str, output: str, max_samples: int = 10_000,
     Writes ``OUTPUT/{prefix}-NNNNNN.tar`` and ``OUTPUT/manifest.json``; returns the manifest.
     """
     if format not in FORMATS:
-        raise ValueError(f"format={format!r}: use one of {', '.join(FORMATS)}")
+        raise DataError(f"format={format!r}: use one of {', '.join(FORMATS)}")
     if not 1 <= quality <= 100:
-        raise ValueError(f"quality={quality}: use 1..100")
+        raise DataError(f"quality={quality}: use 1..100")
+    if max_samples < 1 or max_bytes < 1:
+        raise DataError(f"max_samples={max_samples} / max_bytes={max_bytes}: use positive limits")
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     jobs = []
     for root in inputs:
-        root_path = Path(root)
-        for path in list_images(root):
-            rel = os.path.join(root_path.name, os.path.relpath(path, root))
+        try:
+            files = list_images(root)
+        except FileNotFoundError:
+            raise DataError(f"input folder {root} does not exist") from None
+        for path in files:
+            rel = os.path.join(Path(root).name, os.path.relpath(path, root))
             jobs.append((path, rel, max_size, format, quality, min_size))
     if not jobs:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found under {', '.join(inputs)}")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) found under {', '.join(inputs)}")
     out = Path(output)
     old = _previous_shards(out)
     writer = ShardWriter(out, prefix, max_samples, max_bytes)
@@ -163,6 +113,9 @@ def make_shards(inputs: list[str] | str, output: str, max_samples: int = 10_000,
                 fields["txt"] = caption.read_bytes()
             writer.write(f"{index:08d}", fields)
             index += 1
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         if pool:
             pool.shutdown()
@@ -179,9 +132,7 @@ def make_shards(inputs: list[str] | str, output: str, max_samples: int = 10_000,
         "sha256": {s["name"]: _sha256(out / s["name"]) for s in shards},
         "skipped_files": skipped,
     }
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_json(out / "manifest.json", manifest, indent=1)
     print(f"vaetrain shards: {index} samples in {n} shards ({manifest['bytes'] / 1e6:.1f} MB) -> {out}; "
           f"skipped {len(skipped)} {dict(reasons) if reasons else ''}")
     return manifest
