@@ -81,6 +81,8 @@ def check_call(fn: Callable, kwargs: Mapping[str, Any], where: str = "", context
                 continue
             close = difflib.get_close_matches(key, named, n=1)
             hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else ""
+            if context and not close:  # e.g. an experiment's student settings left on another student
+                hint = f"; set by another config for another choice? drop it with ~{full}"
             raise UserError(f"{full}: not an option of {_name(fn)}{note}{hint}")
         kinds = _kinds(params[key].annotation)
         if kinds and not _fits(value, kinds):

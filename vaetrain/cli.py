@@ -25,16 +25,17 @@ from hydra import compose as hydra_compose, initialize_config_module, version
 from hydra._internal.utils import _run_hydra, get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import get_method, get_object, instantiate
 from lightning.fabric.utilities.seed import seed_everything
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from vaetrain.arguments import check_call
 from vaetrain.formats import ExportWarning
 from vaetrain.safe import UserError, one_line
-from vaetrain.targets import check_targets, user_prefixes, walk_targets
+from vaetrain.targets import check_hydra_targets, check_targets, user_prefixes, walk_targets
 
 # name -> (config name, positional argument keys; "+" marks one that takes all remaining positionals, help line).
 # A new subcommand: a function in vaetrain/commands/, a config in vaetrain/conf/ whose `_target_` names it and whose
@@ -162,12 +163,30 @@ def _allow_option(argv: list[str]) -> tuple[list[str], tuple[str, ...]]:
     return rest, tuple(extra)
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
+def compose(config_name: str, overrides: list[str], hydra: bool = False) -> DictConfig:
     """The composed config of a subcommand, without running it (Hydra's compose API, same configs)."""
     _register_resolvers()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="vaetrain.conf", version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=_group_nulls(overrides))
+    try:
+        with initialize_config_module(config_module="vaetrain.conf", version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=_group_nulls(overrides), return_hydra_config=hydra)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _precheck(config_name: str, overrides: list[str], extra: tuple[str, ...]) -> None:
+    """The allowlist before Hydra starts: Hydra builds its own callbacks and creates the output folder before the
+    job runs. Swept values (``-m a=1,2``) are checked again in each job."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    cfg = compose(config_name, [o.input_line for o in parsed if not o.is_sweep_override()], hydra=True)
+    check_hydra_targets(OmegaConf.to_container(cfg.hydra, resolve=False), extra)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return  # interpolations that need the job (${hydra:...}): the job checks again, before building anything
+    check_targets(resolved, extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +260,13 @@ def _failure(command: str, e: BaseException) -> str:
     if isinstance(e, OSError) and (e.filename or e.strerror):
         return f"{prefix} {e.filename}: {e.strerror or one_line(e)}{_assets_hint(str(e.filename))}"
     if isinstance(e, (HydraException, OmegaConfBaseException)):
-        return f"{prefix} config error: {one_line(e)}"
+        # Hydra's "Could not find 'group/option'" lists the options over lines and ends with its search path
+        text = str(e).split("\nConfig search path:")[0]
+        head, _, options = text.partition("\n\nAvailable options in")
+        if options:
+            group, _, names = options.partition(":")
+            head = f"{one_line(head)}; available in{group}: {', '.join(names.split())}"
+        return f"{prefix} config error: {one_line(head)}"
     if isinstance(e, KeyboardInterrupt):
         return f"{prefix} interrupted"
     return f"{prefix} {type(e).__name__}: {one_line(e, 400)} ({DEBUG_ENV}=1 shows the traceback)"
@@ -270,14 +295,36 @@ def run(command: str, argv: list[str]) -> Any:
     args.overrides = [f"hydra.job.name={config_name}"] + _group_nulls(_positionals(command, args.overrides, positional))
     job = _Job(command, user_prefixes(extra))
     _register_resolvers()
+    if not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion):
+        _precheck(config_name, args.overrides, job.extra)
     version.setbase("1.3")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; the one-line report is ours
     _run_hydra(args=args, args_parser=parser, task_function=job, config_path=CONFIG_PATH, config_name=config_name)
     return job.result
 
 
+def _completion_query(argv: list[str]) -> tuple[str, list[str]] | None:
+    """Hydra's shell completion calls ``vaetrain -sc query=SHELL`` with the line typed so far in ``$COMP_LINE``:
+    complete the subcommand itself, or hand the line without it to that subcommand's Hydra app."""
+    if argv[:1] not in (["-sc"], ["--shell-completion"]) or not any(a.startswith("query=") for a in argv):
+        return None
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if len(words) < 2 or words[1] not in COMMANDS or len(words) == 2 and not line.endswith(" "):
+        typed = words[1] if len(words) > 1 else ""
+        print(" ".join(c for c in COMMANDS if c.startswith(typed)))
+        return "", []
+    os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]]) + (" " if line.endswith(" ") else "")
+    return words[1], argv
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    query = _completion_query(argv)
+    if query is not None:
+        if query[0]:
+            run(*query)
+        return
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
@@ -289,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         run(command, rest)
     except SystemExit:
         raise
+    except BrokenPipeError:  # `vaetrain train --cfg job | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
     except BaseException as e:
         if _debug():
             raise

@@ -99,3 +99,31 @@ def check_targets(config: dict, extra: tuple[str, ...] = ()) -> None:
         if not ok:
             raise UserError(f"{where}={target}: is {name}, which is not an allowed target; refused, nothing was "
                             f"built ({hint})")
+
+
+# Hydra's own part of the config (hydra.*) names objects too: its callbacks, launcher and sweeper (Hydra and its
+# plugins: hydra-submitit-launcher, optuna...) and the logging handlers, formatters and filters it configures
+HYDRA_PREFIXES = ("hydra.", "hydra_plugins.")
+LOGGING_PREFIXES = ("logging.",)
+
+
+def check_hydra_targets(hydra: dict, extra: tuple[str, ...] = ()) -> None:
+    """Raise a one-line :class:`UserError` for an object in ``hydra.*`` that is not Hydra's, a plugin's or a
+    logging class (nothing of it is built yet: Hydra builds its callbacks before running anything)."""
+    for part in ("callbacks", "launcher", "sweeper"):
+        for key, target in walk_targets(hydra.get(part) or {}, f"hydra.{part}"):
+            name = target if isinstance(target, str) else repr(target)
+            ok = isinstance(target, str) and _under(target, HYDRA_PREFIXES + extra)
+            if ok:
+                obj = get_object(target)
+                ok = _under(f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', None)}",
+                            HYDRA_PREFIXES + extra)
+            if not ok:
+                raise UserError(f"{key}._target_={name}: not Hydra's or a Hydra plugin's; refused, nothing was built")
+    for part in ("job_logging", "hydra_logging"):
+        for kind, entries in (hydra.get(part) or {}).items():
+            for name, entry in (entries.items() if isinstance(entries, dict) else []):
+                for field in ("()", "class"):
+                    value = entry.get(field) if isinstance(entry, dict) else None
+                    if value is not None and not (isinstance(value, str) and _under(value, LOGGING_PREFIXES + extra)):
+                        raise UserError(f"hydra.{part}.{kind}.{name}.{field}={value}: not a logging class; refused")
