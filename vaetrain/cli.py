@@ -25,6 +25,7 @@ from hydra import compose as hydra_compose, initialize_config_module, version
 from hydra._internal.utils import _run_hydra, get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
 from hydra.utils import get_method, get_object, instantiate
@@ -58,6 +59,7 @@ DEBUG_ENV = "VAETRAIN_DEBUG"
 _WARNINGS = [(UserWarning, r"The parameter 'pretrained' is deprecated"),
              (UserWarning, r"Arguments other than a weight enum or `None` for 'weights' are deprecated"),
              (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+             (UserWarning, r"Detected pickle protocol"),  # torch's, before its safe unpickler refuses a file
              (DeprecationWarning, r".*"),
              (ExportWarning, r".*")]  # vaetrain's own: its logger has printed the same line already
 _LOG_NOISE = ("Tip: For seamless cloud logging",)
@@ -211,6 +213,9 @@ class _Job:
 
     def _run(self, cfg: DictConfig) -> Any:
         hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            print(f"vaetrain {self.command}: sweep job {hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}",
+                  flush=True)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if "run_dir" in resolved:  # Hydra's output folder is the run folder (under -m: this job's own)
             resolved["run_dir"] = hydra_cfg.runtime.output_dir
