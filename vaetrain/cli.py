@@ -96,6 +96,12 @@ def _quiet_third_parties() -> None:
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_Drop())
+    # Lightning's progress notes ("GPU available: ...") are information, not errors: stdout, so that stderr holds
+    # only what went wrong
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                handler.setStream(sys.stdout)
 
 
 def _register_resolvers() -> None:
