@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vaetrain.cli import COMMANDS, compose
 from vaetrain.formats import save_autoencoder
 from vaetrain.models.taesd import TAESD
 
@@ -182,3 +183,13 @@ def test_read_only_run_dir_is_one_line(tmp_path):
 def test_debug_flag_shows_the_traceback(tmp_path):
     p = vaetrain("train", *TINY, "run_dir=r", "loss.mse.weight=abc", cwd=tmp_path, env={"VAETRAIN_DEBUG": "1"})
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_is_set_up_as_a_vaetrain_hydra_app(command):
+    """Each command config lists `- hydra_app`: no chdir, no logging setup, no outputs/ folder, vaetrain's help."""
+    cfg = compose(COMMANDS[command][0], [], hydra=True)
+    assert cfg.hydra.job.chdir is False and cfg.hydra.help.app_name.startswith("vaetrain")
+    assert cfg.hydra.job_logging.root is None and cfg.hydra.hydra_logging.root is None
+    if command != "train":
+        assert cfg.hydra.run.dir == "." and cfg.hydra.output_subdir is None
