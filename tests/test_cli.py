@@ -58,7 +58,7 @@ def test_multirun_sweep_gives_each_job_its_own_run_folder(tmp_path):
 
 
 def test_hydra_run_dir_is_the_run_folder_and_the_config_is_logged_as_hparams(tmp_path):
-    p = vaetrain("train", *TINY, "hydra.run.dir=elsewhere", cwd=tmp_path)
+    p = vaetrain("train", *TINY, "logger=default", "hydra.run.dir=elsewhere", cwd=tmp_path)  # CSV + wandb offline
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "elsewhere"
     assert json.loads((run / "result.json").read_text())["run_dir"] == str(run)
@@ -66,6 +66,8 @@ def test_hydra_run_dir_is_the_run_folder_and_the_config_is_logged_as_hparams(tmp
     assert not (tmp_path / "outputs").exists(), "Hydra's default output folder appeared: run_dir is not Hydra's"
     hparams = yaml.safe_load((run / "logs" / "hparams.yaml").read_text())
     assert hparams["trainer"]["max_steps"] == 2 and hparams["run_dir"] == str(run)
+    (wandb_run,) = (run / "wandb").glob("offline-run-*/*.wandb")
+    assert b"max_steps" in wandb_run.read_bytes() and b"base_channels" in wandb_run.read_bytes(), "no wandb config"
 
 
 def test_cfg_info_help_and_shell_completion(tmp_path):
