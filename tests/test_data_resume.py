@@ -251,7 +251,8 @@ class KeyLog(pl.Callback):
 TRAIN = ["experiment=tiny", "data.num_workers=1", "data.batch_size=2", "data.epoch_length=8", "data.synthetic_count=6",
          "trainer.max_steps=10", "trainer.limit_val_batches=0", "callbacks.checkpoint.every_n_steps=3",
          "discriminator.start_step=1", "export=null", "resume=auto",
-         "+callbacks.keys._target_=test_data_resume.KeyLog", "+callbacks.keys._partial_=true"]
+         "+callbacks.keys._target_=test_data_resume.KeyLog", "+callbacks.keys._partial_=true",
+         "allow_targets=[test_data_resume.]"]  # a test hook: trusted from the command line
 
 
 # `vaetrain train` as a user runs it, except that the global RNG is seeded before the CLI builds the models: the

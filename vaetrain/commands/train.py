@@ -37,6 +37,7 @@ from lightning.pytorch.strategies import DDPStrategy
 import torch
 from torch import nn
 
+from vaetrain.arguments import check_call
 from vaetrain.engine.callbacks import ImageGrid, Preemption, shield_loader_workers
 from vaetrain.engine.checkpoints import AtomicCheckpointIO, checkpoint_position, find_resume, remove_stale_fragments
 from vaetrain.engine.guards import NonFiniteLossError
@@ -179,6 +180,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, workers=True, verbose=False)
     trainer_kwargs = dict(trainer or {})
+    check_call(L.Trainer, trainer_kwargs, "trainer")  # a typo or a wrong type: one line naming the key
     max_steps = int(trainer_kwargs.get("max_steps", -1))
     opts = dict(module or {})
     manual_optimisation_options(trainer_kwargs, opts)
