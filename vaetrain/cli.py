@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lightning.fabric.utilities.seed import seed_everything
 
+from vaetrain.data.embedded import photos_dir
 from vaetrain.safe import UserError
 
 # name -> (config name, positional argument keys; "+" marks one that takes all remaining positionals)
@@ -94,6 +95,8 @@ def compose(config_name: str, overrides: list[str]):
 
     if not OmegaConf.has_resolver("assets"):
         OmegaConf.register_new_resolver("assets", lambda p="": str(Path(assets_dir()) / p))
+    if not OmegaConf.has_resolver("photos"):
+        OmegaConf.register_new_resolver("photos", photos_dir)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=_group_nulls(overrides))
