@@ -2,22 +2,24 @@
 
 A KL or TAESD autoencoder at f=4 keeps C x H/4 x W/4 numbers; plain resampling keeps 3 x H/4 x W/4 and needs no
 training. This scores that baseline with ``vaetrain.commands.eval.evaluate`` (the same image reading, PSNR / SSIM and
-LPIPS-like as ``vaetrain eval`` and training validation), so a trained model's numbers can be put next to it:
+LPIPS-like as ``vaetrain eval`` and training validation), so a trained model's numbers can be put next to it. With no
+arguments: the default job's validation photos (shipped in the package) at its validation size:
 
-    python scripts/resample_baseline.py --folder ../shared/assets/images/eval/kodak24 --size 32 --factor 4
+    python scripts/resample_baseline.py
+    python scripts/resample_baseline.py --folder ../shared/assets/images/eval/kodak24 --size 32 \
+        --lpips-backbone ../shared/assets/weights/squeezenet1_1_caffe_features.pth
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vaetrain.cli import assets_dir
 from vaetrain.commands.eval import evaluate
+from vaetrain.data.embedded import photos_dir
 from vaetrain.losses import LPIPS
 from vaetrain.models.base import Autoencoder
 
@@ -40,13 +42,12 @@ class Resample(Autoencoder):
 
 
 def main() -> None:
-    assets = Path(assets_dir())
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--folder", default=str(assets / "images" / "eval" / "kodak24"))
-    p.add_argument("--size", type=int, default=32, help="short side resized to this, centre crop (as validation)")
+    p.add_argument("--folder", default=photos_dir("val"))
+    p.add_argument("--size", type=int, default=64, help="short side resized to this, centre crop (as validation)")
     p.add_argument("--factor", type=int, default=4)
-    p.add_argument("--lpips-backbone", default=str(assets / "weights" / "squeezenet1_1_caffe_features.pth"),
-                   help="Caffe SqueezeNet features for the offline LPIPS-like ('' to skip LPIPS)")
+    p.add_argument("--lpips-backbone", default="",
+                   help="Caffe SqueezeNet features for the offline LPIPS-like (the shared assets'; '' skips LPIPS)")
     args = p.parse_args()
     lpips = (LPIPS(mode="caffe_squeeze", net="squeeze", pretrained=False, backbone_weights=args.lpips_backbone)
              if args.lpips_backbone else None)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from vaetrain.arguments import check_call
+from vaetrain.data.embedded import photos_dir
 from vaetrain.formats import ExportWarning
 from vaetrain.safe import UserError, one_line
 from vaetrain.targets import check_hydra_targets, check_targets, user_prefixes, walk_targets
@@ -107,6 +108,8 @@ def _quiet_third_parties() -> None:
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("assets"):
         OmegaConf.register_new_resolver("assets", lambda p="": str(Path(assets_dir()) / p))
+    if not OmegaConf.has_resolver("photos"):
+        OmegaConf.register_new_resolver("photos", photos_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
