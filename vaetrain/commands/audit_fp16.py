@@ -40,33 +40,39 @@ class _Recorder:
     ``rms`` (the smallest RMS of an output over calls) and, for GroupNorms, ``min_group_var`` (the smallest variance
     of one image's group of the INPUT) are what the fp16-fix rescaling needs to stay exact and above subnormals."""
 
-    def __init__(self, model: nn.Module, emulate_fp16: bool = False):
+    def __init__(self, model: nn.Module, emulate_fp16: bool = False, detail: bool = False):
         self.max_abs: dict[str, float] = {}
         self.rms: dict[str, float] = {}
         self.min_group_var: dict[str, float] = {}
         self.nonfinite: dict[str, bool] = {}
         self.order: list[str] = []
-        self.emulate = emulate_fp16
+        self.emulate, self.detail = emulate_fp16, detail
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if n]
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            if isinstance(module, nn.GroupNorm) and args and isinstance(args[0], Tensor):
-                x = args[0].detach().float()
-                var = float(x.reshape(x.shape[0], module.num_groups, -1).var(-1, unbiased=False).min())
+            if self.detail and isinstance(module, nn.GroupNorm) and args and isinstance(args[0], Tensor):
+                x = args[0].detach()
+                var = float(x.reshape(x.shape[0], module.num_groups, -1).float().var(-1, unbiased=False).min())
                 self.min_group_var[name] = min(self.min_group_var.get(name, math.inf), var)
             single = isinstance(output, Tensor)
             outs = (output,) if single else tuple(output) if isinstance(output, (tuple, list)) else ()
             if self.emulate:
                 outs = tuple(o.to(torch.float16).to(o.dtype) if isinstance(o, Tensor) and o.is_floating_point() else o
                              for o in outs)
-            tensors = [o for o in outs if isinstance(o, Tensor) and o.is_floating_point()]
+            tensors = [o.detach() for o in outs if isinstance(o, Tensor) and o.is_floating_point()]
             if not tensors:
                 return None
-            finite = all(bool(torch.isfinite(o).all()) for o in tensors)
-            peak = max(float(o.detach().abs().max()) for o in tensors)  # inf stays inf, NaN propagates
-            rms = min(float(o.detach().float().pow(2).mean().sqrt()) for o in tensors)
-            self.rms[name] = min(self.rms.get(name, math.inf), rms)
+            # one pass each, no temporaries the size of the activation (2048 px audits): the extremes carry inf and
+            # NaN along, so they also say whether everything is finite
+            peaks = [max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(o) for o in tensors)]
+            peaks = [math.inf if math.isnan(p) else p for p in peaks]
+            peak = max(peaks)
+            finite = math.isfinite(peak)
+            if self.detail:
+                rms = min(float(torch.linalg.vector_norm(o, dtype=torch.float32)) / math.sqrt(max(o.numel(), 1))
+                          for o in tensors)
+                self.rms[name] = min(self.rms.get(name, math.inf), rms)
             if name not in self.max_abs:
                 self.order.append(name)
             self.max_abs[name] = max(self.max_abs.get(name, 0.0), peak)
@@ -112,7 +118,7 @@ def activation_stats(model: Autoencoder, images=None, size: int = 256, limit: in
     dev = device if isinstance(device, torch.device) else device_of(device)
     model = as_model(model).float().eval().to(dev)
     x, z = _audit_inputs(model, images, size, limit, dev)
-    rec = _Recorder(model)
+    rec = _Recorder(model, detail=True)
     try:
         with torch.inference_mode():
             _forward(model, x, z)
