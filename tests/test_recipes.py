@@ -219,23 +219,30 @@ def test_fp16_fix_shrinks_activations_of_an_overflowing_copy(teachers, tmp_path)
     inflate_resnets(ae, calibration_images(1, 64), target=2e5)
     src = save_autoencoder(ae, tmp_path / "overflow", "original")
     r = _train(["experiment=fp16_fix", *TINY, *_local_teacher(src), f"student.source={src}", "student.preset=null",
-                "loss.activation.threshold=1000", "optimizer.lr=0.01", "trainer.max_steps=3"], tmp_path / "run")
+                "loss.activation.threshold=1000", "optimizer.lr=0.01", "trainer.max_steps=3",
+                "export_fp16_audit=[32,64]"], tmp_path / "run")
     rows = _metrics(tmp_path / "run")
     pen = _logged(rows, "train/activation")
     assert pen and pen[0] > 0, "the overflowing activations were not penalised"
     assert _logged(rows, "train/latent_mse")
-    # the penalised conv1 weights shrink (Adafactor: steps relative to each tensor's size)
+    # the penalised conv1 weights shrink (even under plain SGD, whose steps follow the gradient)
     before, after = read_state_dict(src), read_state_dict(r["exports"]["original"])
     k = "decoder.mid.block_1.conv1.weight"
     assert after[k].norm() < before[k].norm()
+    # the exports carry the fp16 audit of the student at each size (its verdict decides diffusers' force_upcast)
+    audit = json.loads((tmp_path / "run" / "fp16_audit.json").read_text())
+    cfg = json.loads((Path(r["exports"]["diffusers"]) / "config.json").read_text())
+    assert set(audit["resolutions"]) == {"32", "64"} and cfg["force_upcast"] is (not audit["safe"])
 
 
 def test_fp16_fix_cpu_config_points_at_the_overflow_teacher():
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(compose("train", ["experiment=fp16_fix_cpu"]), resolve=False)
-    assert cfg["teacher"]["source"] == cfg["student"]["source"]  # the student starts as an exact copy
-    assert cfg["optimizer"]["_target_"] == "torch.optim.Adafactor"
+    # the student starts from the exact rescaling of the teacher (vaetrain fp16-fix), not the teacher itself
+    assert cfg["teacher"]["source"].endswith("teacher.safetensors")
+    assert cfg["student"]["source"].endswith("rescaled.safetensors")
+    assert cfg["optimizer"]["_target_"] == "torch.optim.SGD" and cfg["optimizer"]["momentum"] > 0
     assert cfg["module"]["teacher_dtype"] == "float32"
 
 
