@@ -161,7 +161,8 @@ def test_fp16_fix_command_end_to_end(tmp_path):
 
 def test_multi_size_audit_in_metadata_card_and_force_upcast(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    tiny = AutoencoderKL(latent_channels=4, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4,
+    # the 2048 px audit on a model narrow enough to take seconds
+    tiny = AutoencoderKL(latent_channels=4, base_channels=4, channel_mult=(1, 2), num_res_blocks=1, norm_groups=2,
                          encoder_attention=False, decoder_attention=False).eval()
     src = save_autoencoder(tiny, tmp_path / "safe.safetensors", "original")
     audit = audit_fp16(str(src), size=[32, 256, 2048], limit=1, mode="emulate", out=str(tmp_path / "a.json"),

@@ -58,14 +58,15 @@ def _output_change(before, after, images, size: int, limit: int, dev) -> dict:
 
 def fp16_fix(model, out, images=None, size: int | list[int] = 512, limit: int = 2, headroom: float = 2.0 ** 12,
              floor: float = FP16_MIN_NORMAL, eps_tol: float = 1e-5, audit_sizes: list[int] | None = (256, 512, 1024, 2048),
-             audit_limit: int = 1, mode: str = "emulate", format: str = "original", dtype: str = "fp32",
+             audit_limit: int = 1, audit_images=None, mode: str = "emulate", format: str = "original", dtype: str = "fp32",
              device: str = "cpu", report: str | None = None, source=None, quiet: bool = False) -> dict:
     """Rescale ``model`` (an ``AutoencoderKL``) so every reachable activation stays under ``headroom``.
 
     ``size``: calibration size(s) (the largest the model must support, or a list), ``limit`` images each from
     ``images`` (a folder; photos are upscaled where needed) or procedural ones. ``floor``: the smallest RMS an
     activation may be scaled to (fp16's subnormals start at 2^-14). ``eps_tol``: how much a norm's eps may change
-    its output, relative. ``audit_sizes`` (null: none): the fp16 audit recorded in the export.
+    its output, relative. ``audit_sizes`` (null: none): the fp16 audit recorded in the export, on ``audit_limit``
+    images of ``audit_images`` (default: ``images``; held-out photos say more).
     Returns the report (also written as JSON).
     """
     dev = device_of(device)
@@ -84,11 +85,12 @@ def fp16_fix(model, out, images=None, size: int | list[int] = 512, limit: int = 
     after = _measure(fixed, images, sizes, limit, dev)
     change = _output_change(ae, fixed, images, sizes[-1], limit, dev)
 
+    info = ExportInfo(dtype=dtype, latent_space=getattr(ae, "latent_space", None))
+    written = save_autoencoder(fixed, out, format=format, info=info)  # before the (long) audit: nothing to lose
     audit = None
     if audit_sizes:
-        audit = audit_fp16(fixed, images, list(audit_sizes), audit_limit, mode, device, source=str(out), quiet=True)
-    info = ExportInfo(dtype=dtype, fp16_audit=audit, latent_space=getattr(ae, "latent_space", None))
-    written = save_autoencoder(fixed, out, format=format, info=info)
+        audit = audit_fp16(fixed, audit_images or images, list(audit_sizes), audit_limit, mode, device, source=str(out), quiet=quiet)
+        written = save_autoencoder(fixed, out, format=format, info=info.updated(fp16_audit=audit))
 
     rows = plan_rows(plan, before, after)
     result = {
