@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from vaetrain.cli import compose, conf_dir, run
-from vaetrain.formats.io import read_state_dict
+from vaetrain.formats.export import EXPORT_KEY
+from vaetrain.formats.io import read_metadata, read_state_dict
 from vaetrain.metrics import psnr
 from vaetrain.formats import load_autoencoder, save_autoencoder
 from vaetrain.models.autoencoder_kl import AutoencoderKL
@@ -236,8 +237,9 @@ def test_fp16_fix_finetunes_the_rescaled_copy_of_an_overflowing_teacher(teachers
         assert float(psnr(student(x), teacher(x)).mean()) > 40
     # the exports carry the fp16 audit of the student at each size (its verdict decides diffusers' force_upcast)
     audit = json.loads((tmp_path / "run" / "fp16_audit.json").read_text())
-    cfg = json.loads((Path(r["exports"]["diffusers"]) / "config.json").read_text())
-    assert set(audit["resolutions"]) == {"32", "64"} and audit["safe"] and cfg["force_upcast"] is False
+    meta = json.loads(read_metadata(r["exports"]["original"])[EXPORT_KEY])
+    assert set(audit["resolutions"]) == {"32", "64"} and audit["safe"] and meta["fp16_safe"] is True
+    assert set(meta["fp16_audit"]["resolutions"]) == {"32", "64"}
 
 
 def test_fp16_fix_cpu_config_points_at_the_overflow_teacher():
