@@ -15,11 +15,9 @@ launcher sets; always give a fixed ``run_dir`` so that every rank and every rest
   On SIGUSR1/SIGTERM every rank finishes its step, ``last.ckpt`` is written, the job is requeued
   (``scontrol requeue``) and the restarted job continues with ``resume=auto``.
 
-Resume is exact (same weights as an uninterrupted run on CPU) from checkpoints written at epoch ends
-(``last.ckpt`` after a run, or cadences that divide the epoch): weights, EMA, discriminator, both
-optimizers and schedules, the step, the RNG states and the data module's epoch are all restored, and
-the posterior noise is a function of (seed, step, rank). A checkpoint from mid-epoch resumes with the
-next epoch's data order.
+Resume is exact (same weights as an uninterrupted run on CPU) from any checkpoint, mid-epoch included:
+weights, EMA, discriminator, both optimizers and schedules, the step, the RNG states and every rank's and
+loader worker's data position are restored, and the posterior noise is a function of (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -270,8 +268,8 @@ def train(
                            device=str(next(final.parameters()).device),
                            out=str(run_dir / "fp16_audit.json")) if export_fp16_audit else None
         info = ExportInfo(latent_space=latent_space(teacher) if teacher is not None else None,
-                          sample_size=getattr(datamodule, "image_size", None), command=" ".join(sys.argv),
-                          config=config, metrics=metrics, fp16_audit=audit)
+                          sample_size=getattr(getattr(datamodule, "spec", None), "image_size", None),
+                          command=" ".join(sys.argv), config=config, metrics=metrics, fp16_audit=audit)
         result["exports"] = export_model(final, run_dir / "export", list(export), info)
     for lg in loggers:
         if isinstance(lg, CSVLogger):

@@ -84,7 +84,11 @@ class ImageDataModule(pl.LightningDataModule):
             self._expect["teacher_b"] = teacher_fingerprint(teacher_b)
 
     def cache_expectation(self) -> dict:
-        return expectation(self.spec.preprocess(), extra=self._expect)
+        exp = expectation(self.spec.preprocess(), extra=self._expect)
+        # a reader never flips (data.flip must be false for a cache): whether the cache was built with random
+        # flips is the builder's choice, recorded in its meta, not a mismatch
+        exp.pop("preprocess.flip", None)
+        return exp
 
     # --- distribution ---------------------------------------------------------------------
     def rank_and_world(self) -> tuple[int, int]:
