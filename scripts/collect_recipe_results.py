@@ -15,7 +15,7 @@ import csv
 import json
 from pathlib import Path
 
-RUNS = ["default", "taesd_taef2", "mlp_taef2", "vae16", "no_attn", "fp16_fix"]
+RUNS = ["default", "taesd_taef2", "mlp_taef2", "vae16", "no_attn", "fp16_fix/finetune"]
 
 
 def _json(path: Path):
@@ -69,10 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
                     rows.append({"model": folder.name, "eval_set": summary.parent.name, "images": s["images"],
                                  "size": s["size"], "pair": pair, **{k: round(v, 4) for k, v in s[pair].items()},
                                  "lpips_kind": s["lpips"]})
-    for key in ("audit_before", "audit_after", "fp16_vs_teacher"):
+    for key in ("teacher_audit", "rescale_report", "finetune_audit", "fp16_vs_teacher_emulated",
+                "fp16_vs_teacher_native"):
         a = _json(res / "fp16_fix" / f"{key}.json")
         if a is not None:
-            a.pop("layers", None)  # the per-layer table stays in the file itself
+            for bulky in ("layers", "per_size"):  # the per-layer tables stay in the file itself
+                a.pop(bulky, None)
             report["fp16_fix"][key] = a
     report["bench"]["no_attn"] = _json(res / "no_attn" / "bench.json")
     report["default_resample_baseline"] = _json(res / "default" / "resample_baseline.json")

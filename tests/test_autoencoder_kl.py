@@ -243,3 +243,16 @@ def test_no_attention_exports_to_diffusers(tmp_path):
     # one-sided attention has no diffusers form: a clear refusal, the original format works
     with pytest.raises(ValueError, match="format=original"):
         save_autoencoder(_small(decoder_attention=False), tmp_path / "x", format="diffusers")
+
+
+def test_attention_over_query_chunks_is_the_same(monkeypatch):
+    """Chunked queries (what keeps a 2048 px midblock off a 16 GiB score matrix) give the unchunked result."""
+    from vaetrain.models import autoencoder_kl
+
+    block = autoencoder_kl.AttnBlock(8, 4).eval()
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        whole = block(x)
+        monkeypatch.setattr(autoencoder_kl, "SCORE_BLOCK", 144 * 5)  # 5 queries per chunk, a ragged last one
+        chunked = block(x)
+    assert torch.allclose(whole, chunked, atol=1e-6)

@@ -50,6 +50,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "shards": ("shards", ["inputs+", "output"], "pack image folders into WebDataset shards"),
     "cache-latents": ("cache_latents", [], "encode a dataset once with the teacher into latent shards"),
     "audit-fp16": ("audit_fp16", ["source"], "per-layer activation maxima and fp16 safety of a model"),
+    "fp16-fix": ("fp16_fix", ["source", "out"], "rescale a KL autoencoder exactly so its activations fit fp16"),
     "latent-stats": ("latent_stats", [], "measure a model's latent statistics and suggest scale/shift"),
 }
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from vaetrain.arguments import check_call
+from vaetrain.commands.audit_fp16 import audit_fp16
 from vaetrain.engine.callbacks import ImageGrid, Preemption, shield_loader_workers
 from vaetrain.engine.checkpoints import AtomicCheckpointIO, checkpoint_position, find_resume, remove_stale_fragments
 from vaetrain.engine.guards import NonFiniteLossError
@@ -160,6 +161,7 @@ def train(
     seed: int = 0,
     resume: str | None = None,
     export: list[str] | tuple[str, ...] | None = ("original", "diffusers"),
+    export_fp16_audit: list[int] | None = None,
     config: dict | None = None,
 ) -> dict[str, Any]:
     """Train and return where everything went: ``{"run_dir", "checkpoint", "exports", "logs", "images", ...}``.
@@ -262,10 +264,15 @@ def train(
     metrics = {k: round(float(v), 4) for k, v in pl_trainer.callback_metrics.items() if k.startswith("val/")}
     if export and not preempted:
         # the model card and config.json: the latent space the student speaks (its teacher's), the training size
+        final = pl_module.eval_model()
+        # the exports then carry the fp16 verdict and headroom per size (diffusers force_upcast false when safe)
+        audit = audit_fp16(final, size=list(export_fp16_audit), limit=1, mode="emulate", quiet=True,
+                           device=str(next(final.parameters()).device),
+                           out=str(run_dir / "fp16_audit.json")) if export_fp16_audit else None
         info = ExportInfo(latent_space=latent_space(teacher) if teacher is not None else None,
-                          sample_size=getattr(getattr(datamodule, "spec", None), "image_size", None), command=" ".join(sys.argv),
-                          config=config, metrics=metrics)
-        result["exports"] = export_model(pl_module.eval_model(), run_dir / "export", list(export), info)
+                          sample_size=getattr(getattr(datamodule, "spec", None), "image_size", None),
+                          command=" ".join(sys.argv), config=config, metrics=metrics, fp16_audit=audit)
+        result["exports"] = export_model(final, run_dir / "export", list(export), info)
     for lg in loggers:
         if isinstance(lg, CSVLogger):
             result["logs"]["csv"] = str(Path(lg.log_dir) / "metrics.csv")

@@ -130,9 +130,15 @@ def render(summary: Mapping[str, Any], repo: str, command: str | None = None, co
     elif loaders:
         lines.append(f"- {loaders}.")
     if "fp16_safe" in summary:
+        audit = dict(summary.get("fp16_audit", {}))
+        resolutions = audit.pop("resolutions", None)
         lines.append(f"- fp16: {'safe' if summary['fp16_safe'] else 'NOT safe'} by `vaetrain audit-fp16` "
-                     f"({json.dumps(summary.get('fp16_audit', {}))})"
+                     f"({json.dumps(audit)})"
                      + ("; diffusers' `force_upcast` is off" if summary["fp16_safe"] else ""))
+        if isinstance(resolutions, Mapping):
+            lines += ["", "| size (px) | fp16 output | largest activation | headroom to 65504 |", "|---|---|---|---|"]
+            lines += [f"| {s} | {'finite' if r.get('finite') else 'inf/NaN'} | {float(r.get('max_abs', 0)):.4g} "
+                      f"| {float(r.get('headroom', 0)):.3g}x |" for s, r in resolutions.items()]
     params = summary.get("params") or summary.get("diffusers_config")
     if params:
         lines += ["", "<details><summary>Architecture</summary>", "", "```json", json.dumps(params, indent=2), "```",

@@ -42,7 +42,8 @@ class ExportInfo:
     latents_mean / latents_std: per-channel raw-latent statistics for diffusers' config.
     sample_size: diffusers' ``sample_size`` (its tiling tile size); None: the training image size is unknown, so
         512 for SD1's space and 1024 for the others.
-    fp16_audit: ``vaetrain audit-fp16``'s result, or per resolution {"256": {"finite": true, "max_abs": ...}, ...};
+    fp16_audit: ``vaetrain audit-fp16``'s result (its ``resolutions``: verdict and headroom per size), or per
+        resolution {"256": {"finite": true, "max_abs": ...}, ...};
         "safe" (every size finite and under fp16's max) -> diffusers ``force_upcast: false``.
     command / config / metrics: the model card's training command, resolved config and measured metrics.
     """
@@ -101,7 +102,8 @@ def fp16_safe(audit: Mapping[str, Any] | None) -> bool | None:
 
 def _audit_summary(audit: Mapping[str, Any]) -> dict:
     if "safe" in audit:
-        keys = ("safe", "fp16_output_finite", "max_activation", "max_activation_layer", "overflowing_layers", "inputs")
+        keys = ("safe", "fp16_output_finite", "max_activation", "max_activation_layer", "overflowing_layers", "inputs",
+                "resolutions")
         return {k: audit[k] for k in keys if k in audit}
     return {str(k): dict(v) for k, v in audit.items()}
 

@@ -46,6 +46,19 @@ class ResnetBlock(nn.Module):
         return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
+SCORE_BLOCK = 2 ** 28  # query chunks keep each (queries x keys) score block under this many elements
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention`` over query chunks: the same result, but where a kernel materialises the
+    score matrix (CPU) a 2048 px image's 65536 tokens would need 16 GiB for it at once."""
+    n = q.shape[2]
+    chunk = max(1, SCORE_BLOCK // max(k.shape[2], 1))
+    if n <= chunk:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v) for i in range(0, n, chunk)], dim=2)
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels (the midblock's only global mixing)."""
 
@@ -59,7 +72,7 @@ class AttnBlock(nn.Module):
         y = self.norm(x)
         # (B, C, H, W) -> (B, 1, H*W, C): one head, tokens are pixels
         q, k, v = (m(y).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = _attention(q, k, v)
         y = y.transpose(2, 3).reshape(b, c, h, w)  # (B, C, H, W)
         return x + self.proj_out(y)
 
