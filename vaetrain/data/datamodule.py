@@ -84,7 +84,11 @@ class ImageDataModule(pl.LightningDataModule):
             self._expect["teacher_b"] = teacher_fingerprint(teacher_b)
 
     def cache_expectation(self) -> dict:
-        return expectation(self.spec.preprocess(), extra=self._expect)
+        # flips are a property of the cache (baked into its images and latents), not something the reader must
+        # match: a cache built with random flips is as readable as one built without
+        exp = expectation(self.spec.preprocess(), extra=self._expect)
+        exp.pop("preprocess.flip")
+        return exp
 
     # --- distribution ---------------------------------------------------------------------
     def rank_and_world(self) -> tuple[int, int]:
