@@ -15,7 +15,7 @@ import csv
 import json
 from pathlib import Path
 
-RUNS = ["default", "taesd_taef2", "mlp_taef2", "vae16", "no_attn", "fp16_fix"]
+RUNS = ["default", "taesd_taef2", "taesd_taef2_seraena", "mlp_taef2", "vae16", "no_attn", "fp16_fix"]
 
 
 def _json(path: Path):
