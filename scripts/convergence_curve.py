@@ -70,16 +70,21 @@ def plot(series: list[tuple[str, tuple[int, int, int], list[tuple[float, float]]
         y += step
     d.text((w // 2 - 20, h - 16), "step", fill="black")
     d.text((left, 8), title, fill="black")
+    # the legend sits in the bottom right corner, where a rising curve leaves room
+    lx, ly0 = w - right - 266, h - bottom - 10 - 14 * len(series)
     for i, (label, colour, pts, dots) in enumerate(series):
         if dots:
             for x, yv in pts:
                 cx, cy = px(x, yv)
-                d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+                r = 3 if i == len(series) - 1 else 5  # the last set smaller, inside the earlier ones
+                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         elif len(pts) > 1:
             d.line([px(x, yv) for x, yv in pts], fill=colour, width=1 if "per step" in label else 2)
-        ly = top + 8 + 14 * i
-        d.line([(w - right - 230, ly + 6), (w - right - 210, ly + 6)], fill=colour, width=3)
-        d.text((w - right - 204, ly), label, fill="black")
+    d.rectangle([lx - 4, ly0 - 4, w - right - 4, h - bottom - 4], fill="white", outline=(160, 160, 160))
+    for i, (label, colour, _, _) in enumerate(series):
+        ly = ly0 + 14 * i
+        d.line([(lx, ly + 6), (lx + 20, ly + 6)], fill=colour, width=3)
+        d.text((lx + 26, ly), label, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
@@ -105,13 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     series = [("training batch, per step", (170, 190, 230), pts, False),
               ("training, 25-step mean", (30, 80, 200), list(zip([p[0] for p in pts],
                                                                  moving_average([p[1] for p in pts], 25))), False)]
-    vpts = [(r["step"], r["psnr_teacher"]) for r in val if "psnr_teacher" in r]
-    if vpts:
-        series.append(("validation (Kodak24, 128 px)", (220, 60, 40), vpts, True))
-    if args.compare:
+    if args.compare:  # drawn first: this run's own points stay visible where they coincide
         with open(args.compare) as f:
             other = [(int(r["step"]), float(r["psnr_teacher"])) for r in csv.DictReader(f)]
         series.append((args.compare_label, (40, 160, 60), other, True))
+    vpts = [(r["step"], r["psnr_teacher"]) for r in val if "psnr_teacher" in r]
+    if vpts:
+        series.append(("this run, validation (Kodak24, 128 px)", (220, 60, 40), vpts, True))
     plot(series, out / "curve.png", args.title)
     print(f"{out / 'train_curve.csv'}: {len(train)} steps; {out / 'curve.png'}")
 
