@@ -102,12 +102,15 @@ def cache_latents(teacher: Autoencoder, data: ImageDataModule, output: str, teac
     return summary
 
 
-def latent_cache_root(option: str, run_dir: str | os.PathLike) -> Path:
-    """``data.latent_cache``: ``auto`` ($VAETRAIN_LATENT_CACHE, else RUN_DIR/../latent_cache) or a folder."""
+def latent_cache_root(option: str, run_dir: str | os.PathLike | None = None) -> Path:
+    """``data.latent_cache``: ``auto`` ($VAETRAIN_LATENT_CACHE, else RUN_DIR/../latent_cache, without a run
+    folder runs/latent_cache) or a folder."""
     if option != "auto":
         return Path(option)
     env = os.environ.get(AUTO_CACHE_ROOT_ENV)
-    return Path(env) if env else Path(run_dir).resolve().parent / "latent_cache"
+    if env:
+        return Path(env)
+    return Path(run_dir).resolve().parent / "latent_cache" if run_dir is not None else Path("runs/latent_cache")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -121,7 +124,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def ensure_latent_cache(data: ImageDataModule, teacher: Autoencoder | None, teacher_b: Autoencoder | None = None,
-                        run_dir: str | os.PathLike = "runs/x", dtype: str = "fp16",
+                        run_dir: str | os.PathLike | None = None, dtype: str = "fp16",
                         device: str = "auto") -> ImageDataModule:
     """``data`` unchanged, or (with ``data.latent_cache`` set on an image source) a ``data=cached`` module over
     the teacher's latents of exactly these images, built once into ``ROOT/<key>`` when missing.
@@ -154,9 +157,9 @@ def ensure_latent_cache(data: ImageDataModule, teacher: Autoencoder | None, teac
             raise UserError(f"data.latent_cache: {final} exists but is not a complete cache (no {_DONE}); "
                             f"remove it to rebuild")
         if max(int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("SLURM_NTASKS", 1))) > 1:
-            raise UserError(f"data.latent_cache: no cache at {final} yet, and the "
-                            f"launched processes would race to build it; build it in one process first (the same "
-                            f"command without the launcher, trainer.devices=1 trainer.max_steps=1, another run_dir)")
+            raise UserError(f"data.latent_cache: no cache at {final} yet, and the launched processes would race "
+                            f"to build it; build it in one process first (the same command without the launcher, "
+                            f"with trainer.devices=1 trainer.max_steps=1 and a run_dir beside this one)")
         _build(spec, teacher, teacher_b, final, options, dtype, device)
     else:
         print(f"vaetrain train: teacher latents from the cache {final}", flush=True)
