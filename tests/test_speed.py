@@ -17,6 +17,7 @@ from vaetrain.engine.module import VAETrainModule
 from vaetrain.losses import KL, MSE, Adversarial, LossTerm
 from vaetrain.models.autoencoder_kl import AutoencoderKL
 from vaetrain.models.patchgan import NLayerDiscriminator
+from vaetrain.models.taesd import TAESD
 
 
 def parts(fused=True, losses=None, **module):
@@ -128,3 +129,20 @@ def test_throughput_counts_the_step_flops_and_reports_mfu(tmp_path):
     assert tp.flops.flops and tp.flops.flops > 1e6
     rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r.get("train/mfu")]
     assert rows and all(float(r["train/mfu"]) == pytest.approx(float(r["train/tflops_per_s"]), rel=1e-6) for r in rows)
+
+
+@pytest.mark.parametrize("student", ["taesd", "kl"])
+def test_autoencode_step_runs_each_half_once(student):
+    """One training step in autoencode mode runs the student's encoder once and its decoder once (a deterministic
+    encoder used to run twice: once for its latents, once more for the posterior-mean path)."""
+    torch.manual_seed(0)
+    model = (TAESD(latent_channels=4, width=8, downsample_factor=4) if student == "taesd" else
+             AutoencoderKL(latent_channels=4, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                           encoder_attention=False, decoder_attention=False, norm_groups=4))
+    calls = collections.Counter()
+    model.encoder.register_forward_hook(lambda *a: calls.update(["encoder"]))
+    model.decoder.register_forward_hook(lambda *a: calls.update(["decoder"]))
+    m = VAETrainModule(model, losses={"mse": MSE(target="real")}, ema_decay=None,
+                       optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    fit(m, steps=1)
+    assert calls == {"encoder": 1, "decoder": 1}

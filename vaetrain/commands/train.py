@@ -15,11 +15,9 @@ launcher sets; always give a fixed ``run_dir`` so that every rank and every rest
   On SIGUSR1/SIGTERM every rank finishes its step, ``last.ckpt`` is written, the job is requeued
   (``scontrol requeue``) and the restarted job continues with ``resume=auto``.
 
-Resume is exact (same weights as an uninterrupted run on CPU) from checkpoints written at epoch ends
-(``last.ckpt`` after a run, or cadences that divide the epoch): weights, EMA, discriminator, both
-optimizers and schedules, the step, the RNG states and the data module's epoch are all restored, and
-the posterior noise is a function of (seed, step, rank). A checkpoint from mid-epoch resumes with the
-next epoch's data order.
+Resume is exact (same weights as an uninterrupted run on CPU) from any checkpoint, mid-epoch included:
+weights, EMA, discriminator, both optimizers and schedules, the step, the RNG states and every rank's and
+loader worker's data position are restored, and the posterior noise is a function of (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -266,7 +264,7 @@ def train(
     if export and not preempted:
         # the model card and config.json: the latent space the student speaks (its teacher's), the training size
         info = ExportInfo(latent_space=latent_space(teacher) if teacher is not None else None,
-                          sample_size=getattr(datamodule, "image_size", None), command=" ".join(sys.argv),
+                          sample_size=getattr(getattr(datamodule, "spec", None), "image_size", None), command=" ".join(sys.argv),
                           config=config, metrics=metrics)
         result["exports"] = export_model(pl_module.eval_model(), run_dir / "export", list(export), info)
     for lg in loggers:

@@ -84,10 +84,10 @@ class ImageDataModule(pl.LightningDataModule):
             self._expect["teacher_b"] = teacher_fingerprint(teacher_b)
 
     def cache_expectation(self) -> dict:
-        # flips are a property of the cache (baked into its images and latents), not something the reader must
-        # match: a cache built with random flips is as readable as one built without
         exp = expectation(self.spec.preprocess(), extra=self._expect)
-        exp.pop("preprocess.flip")
+        # a reader never flips (data.flip must be false for a cache): whether the cache was built with random
+        # flips is the builder's choice, recorded in its meta, not a mismatch
+        exp.pop("preprocess.flip", None)
         return exp
 
     # --- distribution ---------------------------------------------------------------------

@@ -167,26 +167,36 @@ class Throughput(L.Callback):
     """Images per second and model FLOP utilisation over the training steps (validation excluded).
 
     The FLOPs of one real step (student, teacher, loss nets, discriminator, forward and backward) are counted
-    once, at batch ``count_flops_at`` (after warm-up), with ``torch.utils.flop_counter``; MFU is those FLOPs per
-    second of step time over the device's dense bf16 peak (``peak_flops``, else a table of known GPUs; none
-    on CPU unless given). Logged every ``trainer.log_every_n_steps`` steps."""
+    once per run, at global step ``count_flops_at`` (after warm-up), with ``torch.utils.flop_counter``; MFU is
+    those FLOPs per second of step time over the device's dense bf16 peak (``peak_flops``, else a table of known
+    GPUs; none on CPU unless given). Logged every ``trainer.log_every_n_steps`` steps.
+
+    The counter is a dispatch mode, under which a step's last bits can differ (kernels dispatch another way), so
+    the counted step is fixed by the global step, not by the batch of this process, and the count is saved in
+    checkpoints: a resumed run neither counts again nor departs, bitwise, from one that was never stopped."""
 
     def __init__(self, window: int = 20, count_flops_at: int | None = 2, peak_flops: float | None = None):
         self.window, self.count_flops_at, self.peak_flops = window, count_flops_at, peak_flops
         self.flops = StepFlops()
         self._times: list[tuple[float, int]] = []
-        self._batches = 0
+        self._counting = False
+
+    def state_dict(self) -> dict:
+        return {"flops": self.flops.flops}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.flops.flops = state_dict.get("flops")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._batches == self.count_flops_at:
+        self._counting = self.flops.flops is None and trainer.global_step == self.count_flops_at
+        if self._counting:
             self.flops.start()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         dt = time.perf_counter() - self._t0
-        counting = self._batches == self.count_flops_at
-        self._batches += 1
-        if counting:  # the counted step ran slower: keep it out of the timing
+        if self._counting:  # the counted step ran slower: keep it out of the timing
+            self._counting = False
             self.flops.stop()
             return
         first = next((v for k, v in batch.items() if k in ("image", "latent") and isinstance(v, torch.Tensor)), None)

@@ -123,10 +123,13 @@ def _area(x: Tensor | None, size: torch.Size) -> Tensor | None:
 
 def autoencode(model: nn.Module, batch: Mapping, s: Setup, train: bool) -> LossInputs:
     real = batch["image"]
-    mean, logvar, z_mean = _posterior_latents(model, real)
-    if mean is None:
+    # one encoder pass: deterministic encoders (TAESD) give their raw latents, KL ones a posterior to sample
+    post = model.posterior(real) if hasattr(model, "posterior") else None
+    if post is None:
+        mean = logvar = None
         z_raw = model.encode_raw(real)
     else:
+        mean, logvar = post
         z_raw = mean + torch.exp(0.5 * logvar) * s.noise(mean) if (train and s.sample_posterior) else mean
     recon = model.decode_raw(z_raw)
     cond = to_diffusion(z_raw, model.scaling_factor, model.shift_factor)
@@ -136,7 +139,7 @@ def autoencode(model: nn.Module, batch: Mapping, s: Setup, train: bool) -> LossI
         teacher = s.teacher.decode(z_target) if s.teacher.has_decoder else None
         # the student's latents (posterior mean) beside the teacher's: a latent term keeps the latent space of
         # finetunes that also train the encoder (fp16-fix, midblock-attention removal)
-        z_pred = z_mean if mean is not None else cond
+        z_pred = to_diffusion(mean, model.scaling_factor, model.shift_factor) if mean is not None else cond
     target = teacher if (s.target == "teacher" and teacher is not None) else real
     return LossInputs(real=real, target=target, recon=recon, teacher=teacher, z_target=z_target, z_pred=z_pred,
                       mean=mean, logvar=logvar, cond=cond)

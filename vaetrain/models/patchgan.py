@@ -44,6 +44,7 @@ class NLayerDiscriminatorParams:
     ndf: int = 64
     n_layers: int = 3
     norm: str = "batch"
+    spectral_norm: bool = False
 
     def __post_init__(self):
         if self.n_layers < 1:
@@ -65,7 +66,7 @@ class NLayerDiscriminator(HasParams, nn.Module):
     def __init__(self, in_channels: int = 3, cond_channels: int = 0, ndf: int = 64, n_layers: int = 3,
                  norm: str = "batch", spectral_norm: bool = False):
         super().__init__()
-        self.params = NLayerDiscriminatorParams(in_channels, cond_channels, ndf, n_layers, norm)
+        self.params = NLayerDiscriminatorParams(in_channels, cond_channels, ndf, n_layers, norm, spectral_norm)
         self.in_channels, self.cond_channels = in_channels, cond_channels
         bias = norm != "batch"  # a conv followed by BatchNorm needs no bias (taming)
         layers: list[nn.Module] = [conv(in_channels + cond_channels, ndf, 2), nn.LeakyReLU(0.2, True)]
