@@ -15,7 +15,7 @@ import csv
 import json
 from pathlib import Path
 
-RUNS = ["default", "taesd_taef2", "mlp_taef2", "vae16", "no_attn", "fp16_fix/finetune"]
+RUNS = ["default", "taesd_taef2", "taesd_taef2_seraena", "mlp_taef2", "vae16", "no_attn", "fp16_fix/finetune"]
 
 
 def _json(path: Path):
@@ -44,9 +44,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     runs, res = Path(args.runs), Path(args.results)
     report: dict = {"runs": {}, "evals": {}, "fp16_fix": {}, "bench": {}}
+    # runs made elsewhere (another checkout's runs/ folder) keep the entries an earlier collection wrote
+    previous = (_json(res / "results.json") or {}).get("runs", {})
     for name in RUNS:
         r = _json(runs / name / "result.json")
         if r is None:
+            if name in previous:
+                report["runs"][name] = previous[name]
             continue
         curve = val_curve(runs / name)
         report["runs"][name] = {"steps": r["steps"], "train_seconds": r["seconds"], "final_val": r.get("val"),

@@ -4,9 +4,10 @@
 # under results/. Run everything, or name stages:
 #   scripts/run_recipes.sh                       # all stages, sequentially
 #   scripts/run_recipes.sh taesd mlp             # some of them
-# Stages: default cache taesd taesd_eval mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval bench collect
-# (fp16 = overflow teacher + audit + fp16_train; mlp_eval_bsds: the BSDS half of mlp_eval). Later stages use earlier outputs (mlp needs cache; noattn
-# and fp16 need vae16). Sized for 2 CPU cores shared with other jobs; under such sharing torch runs FASTER with one
+# Stages: default cache taesd taesd_eval taesd_curve mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval
+# bench collect (fp16 = overflow teacher + audit + fp16_train; mlp_eval_bsds: the BSDS half of mlp_eval). Later stages
+# use earlier outputs (noattn and fp16 need vae16). The decoder recipes build their latent cache themselves
+# (data.latent_cache=auto, under runs/recipes/latent_cache); stage cache is the explicit build results/mlp_taef2 used. Sized for 2 CPU cores shared with other jobs; under such sharing torch runs FASTER with one
 # thread per process (two threads spin-wait on a busy machine), hence OMP_NUM_THREADS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,15 +47,23 @@ stage_cache() {  # the TAEF2 latents of images/train at 128 px, once (recipe 2 t
     data.num_workers=0 device=cpu
 }
 
-stage_taesd() {  # recipe 1 real run: TAEF2 -> fresh TAESD flux_2 decoder
-  t taesd_taef2 vaetrain train experiment=taesd_taef2 run_dir=$R/taesd_taef2
+stage_taesd() {  # recipe 1 real run: TAEF2 -> fresh TAESD flux_2 decoder (Seraena GAN, cached latents), every step logged
+  # results/taesd_taef2 holds the previous run of this stage (GAN from step 400, teacher encoder every step)
+  t taesd_taef2_seraena vaetrain train experiment=taesd_taef2 run_dir=$R/taesd_taef2_seraena trainer.log_every_n_steps=1
 }
 stage_taesd_eval() {
-  for set in kodak24 bsds500_val; do eval_on taesd_taef2 "$R/taesd_taef2/export/original" $set teacher=taef2; done
+  for set in kodak24 bsds500_val; do
+    eval_on taesd_taef2_seraena "$R/taesd_taef2_seraena/export/original" $set teacher=taef2
+  done
+}
+stage_taesd_curve() {  # per-step convergence: train_curve.csv + curve.png beside the previous run's validation points
+  python scripts/convergence_curve.py --metrics $R/taesd_taef2_seraena/logs/metrics.csv --out $OUT/taesd_taef2_seraena \
+    --compare $OUT/taesd_taef2/val_curve.csv --compare-label "previous run, validation"
 }
 
-stage_mlp() {  # recipe 2 real run: TAEF2 -> Birch-san MLP (+ learned 8x upsampler), from the latent cache
-  t mlp_taef2 vaetrain train experiment=mlp_decoder_taef2 data.shards=$R/cache_taef2_128 run_dir=$R/mlp_taef2
+stage_mlp() {  # recipe 2 real run: TAEF2 -> Birch-san MLP (+ learned 8x upsampler), from the latent cache of stage cache
+  # (the recipe alone, without data=cached, builds the same cache itself under $R/latent_cache)
+  t mlp_taef2 vaetrain train experiment=mlp_decoder_taef2 data=cached data.shards=$R/cache_taef2_128 run_dir=$R/mlp_taef2
 }
 stage_mlp_eval() {
   for set in kodak24 bsds500_val; do eval_on mlp_taef2 "$R/mlp_taef2/export/original" $set teacher=taef2; done
@@ -130,5 +139,5 @@ stage_collect() {  # results/results.json + results/results.csv from the summari
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(default cache taesd taesd_eval mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval bench collect)
+[ ${#stages[@]} -eq 0 ] && stages=(default cache taesd taesd_eval taesd_curve mlp mlp_eval vae16 vae16_eval noattn noattn_eval fp16 fp16_eval bench collect)
 for s in "${stages[@]}"; do "stage_$s"; done

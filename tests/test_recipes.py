@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,8 +152,16 @@ def test_taesd_encoder_phase_then_hires_phase(teachers, tmp_path):
 
 
 def test_taesd_taef2_real_run_config(assets, tmp_path):
-    r = _train(["experiment=taesd_taef2", "data=folder", *RUN, *SMALL_GAN, "student.width=8"], tmp_path)
+    cache_root, photos = tmp_path / "latent_cache", tmp_path / "photos"
+    photos.mkdir()
+    for f in sorted((assets / "images" / "train" / "bsds500").iterdir())[:6]:  # caching all 808 would take minutes
+        shutil.copy(f, photos / f.name)
+    r = _train(["experiment=taesd_taef2", "data=folder", f"data.folder={photos}", *RUN, *SMALL_GAN,
+                "discriminator.d_start_step=0", "student.width=8", f"data.latent_cache={cache_root}"], tmp_path / "run")
     assert r["val"]["val/psnr_teacher"] > 0
+    # the teacher's latents came from the cache the run built (data.latent_cache, on by default in this recipe)
+    built = [p for p in cache_root.iterdir() if (p / "complete.json").is_file()]
+    assert len(built) == 1 and built[0].name.startswith("TAESD-")
     student = load_autoencoder(r["exports"]["original"])
     assert student.latent_channels == 32 and student.flux_2
 

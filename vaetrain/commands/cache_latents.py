@@ -7,8 +7,10 @@ that cost from every later epoch. The format (and the check that refuses a stale
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,10 +19,16 @@ import torch
 from vaetrain.convention import uint8_to_model
 from vaetrain.data.datamodule import ImageDataModule
 from vaetrain.data.faults import DataError, totals
-from vaetrain.data.latent_cache import DTYPES, encode_record, make_meta, posterior
+from vaetrain.data.latent_cache import DTYPES, cache_key, encode_record, make_meta, posterior, teacher_fingerprint
+from vaetrain.data.sources import units_of
 from vaetrain.data.tars import ShardWriter
 from vaetrain.models.base import Autoencoder
-from vaetrain.safe import atomic_write_json
+from vaetrain.safe import UserError, atomic_write_json
+
+# data.latent_cache=auto keeps the caches in $VAETRAIN_LATENT_CACHE, else in latent_cache/ beside the run folder
+# (runs/latent_cache for runs/NAME), one folder per key, so that the runs of one folder share them
+AUTO_CACHE_ROOT_ENV = "VAETRAIN_LATENT_CACHE"
+_DONE = "complete.json"
 
 
 def cache_latents(teacher: Autoencoder, data: ImageDataModule, output: str, teacher_b: Autoencoder | None = None,
@@ -92,3 +100,94 @@ def cache_latents(teacher: Autoencoder, data: ImageDataModule, output: str, teac
     print(f"vaetrain cache-latents: rank {rank}: {n} samples in {len(shards)} shards, {seconds:.1f} s "
           f"({n / max(seconds, 1e-9):.1f} img/s, teacher {t_enc:.1f} s) -> {out}")
     return summary
+
+
+def latent_cache_root(option: str, run_dir: str | os.PathLike | None = None) -> Path:
+    """``data.latent_cache``: ``auto`` ($VAETRAIN_LATENT_CACHE, else RUN_DIR/../latent_cache, without a run
+    folder runs/latent_cache) or a folder."""
+    if option != "auto":
+        return Path(option)
+    env = os.environ.get(AUTO_CACHE_ROOT_ENV)
+    if env:
+        return Path(env)
+    return Path(run_dir).resolve().parent / "latent_cache" if run_dir is not None else Path("runs/latent_cache")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ensure_latent_cache(data: ImageDataModule, teacher: Autoencoder | None, teacher_b: Autoencoder | None = None,
+                        run_dir: str | os.PathLike | None = None, dtype: str = "fp16",
+                        device: str = "auto") -> ImageDataModule:
+    """``data`` unchanged, or (with ``data.latent_cache`` set on an image source) a ``data=cached`` module over
+    the teacher's latents of exactly these images, built once into ``ROOT/<key>`` when missing.
+
+    The key (``latent_cache.cache_key``) covers the teachers' fingerprints, the source's files or shards, the
+    preprocessing, the seed, the loader workers (they seed the random crops) and the passes, so a changed
+    weight or option builds a new cache instead of reading a stale one. Each of ``data.latent_cache_passes``
+    passes is the data once more with other random crops and flips (seed + pass). A build goes into a
+    temporary folder renamed into place when complete: a killed build is never mistaken for a cache. Under
+    Lightning's own multi-GPU launch this runs in rank 0 before the other ranks start; processes started
+    together by torchrun or SLURM are refused while the cache is missing (they would race to build it)."""
+    spec = getattr(data, "spec", None)
+    if spec is None or not spec.latent_cache or spec.source == "cached":
+        return data
+    if teacher is None or not getattr(teacher, "has_encoder", False):
+        raise UserError("data.latent_cache caches the teacher's latents: it needs a teacher with an encoder "
+                        "(set teacher=..., or data.latent_cache=null)")
+    fp, fp_b = teacher_fingerprint(teacher), teacher_fingerprint(teacher_b) if teacher_b is not None else None
+    units = units_of(spec)
+    options = {"source": spec.source, "units": hashlib.sha256("\n".join(units).encode("utf-8", "surrogateescape")
+                                                              ).hexdigest(),
+               "count": len(units), "preprocess": spec.preprocess().as_dict(), "seed": spec.seed,
+               "num_workers": spec.num_workers, "passes": spec.latent_cache_passes,
+               "synthetic_count": spec.synthetic_count if spec.source == "synthetic" else None}
+    root = latent_cache_root(spec.latent_cache, run_dir)
+    final = root / cache_key(fp, fp_b, options, dtype)
+    passes = [final / f"pass-{p}" for p in range(spec.latent_cache_passes)]
+    if not (final / _DONE).is_file():
+        if final.exists():
+            raise UserError(f"data.latent_cache: {final} exists but is not a complete cache (no {_DONE}); "
+                            f"remove it to rebuild")
+        if max(int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("SLURM_NTASKS", 1))) > 1:
+            raise UserError(f"data.latent_cache: no cache at {final} yet, and the launched processes would race "
+                            f"to build it; build it in one process first (the same command without the launcher, "
+                            f"with trainer.devices=1 trainer.max_steps=1 and a run_dir beside this one)")
+        _build(spec, teacher, teacher_b, final, options, dtype, device)
+    else:
+        print(f"vaetrain train: teacher latents from the cache {final}", flush=True)
+    cached = spec.replace(source="cached", shards=tuple(str(p) for p in passes), folder=None, flip=False,
+                          latent_cache=None)
+    return ImageDataModule(cached)
+
+
+def _build(spec, teacher, teacher_b, final: Path, options: dict, dtype: str, device: str) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for old in final.parent.glob(f".{final.name}.tmp-*"):  # left by killed builds (their process is gone)
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    print(f"vaetrain train: caching the teacher's latents ({spec.latent_cache_passes} pass(es) over the data) "
+          f"-> {final}", flush=True)
+    t0 = time.perf_counter()
+    summaries = []
+    try:
+        for p in range(spec.latent_cache_passes):
+            images = spec.replace(seed=spec.seed + p, latent_cache=None, output="uint8", epoch_length=None,
+                                  resampled=False, batch_size=max(spec.batch_size, 32))
+            summaries.append(cache_latents(teacher, ImageDataModule(images), str(tmp / f"pass-{p}"), teacher_b,
+                                           dtype=dtype, device=device, rank=0, world_size=1))
+        atomic_write_json(tmp / _DONE, {"options": options, "seconds": round(time.perf_counter() - t0, 1),
+                                        "samples": sum(s["samples"] for s in summaries)}, indent=1)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -39,6 +39,7 @@ from torch import nn
 
 from vaetrain.arguments import check_call
 from vaetrain.commands.audit_fp16 import audit_fp16
+from vaetrain.commands.cache_latents import ensure_latent_cache
 from vaetrain.engine.callbacks import ImageGrid, Preemption, shield_loader_workers
 from vaetrain.engine.checkpoints import AtomicCheckpointIO, checkpoint_position, find_resume, remove_stale_fragments
 from vaetrain.engine.guards import NonFiniteLossError
@@ -200,6 +201,8 @@ def train(
     for name, rest in leftovers.items():
         print(f"vaetrain train: {name} was removed; ignoring its leftover settings {dict(rest)}", flush=True)
     losses = {k: v for k, v in (losses or {}).items() if k not in leftovers}
+    # data.latent_cache: the teacher's encoder runs once per cached sample instead of once per step
+    datamodule = ensure_latent_cache(datamodule, teacher, teacher_b, run_dir)
     try:
         pl_module = VAETrainModule(student, teacher=teacher, teacher_b=teacher_b, losses=losses,
                                    adversarial=adversarial, mode=mode, optimizer=optimizer, d_optimizer=d_optimizer,

@@ -55,6 +55,17 @@ def teacher_fingerprint(ae: torch.nn.Module) -> str:
     return f"{type(ae).__name__}({flag_s})@{h.hexdigest()}"
 
 
+def cache_key(teacher: str, teacher_b: str | None, spec_options: dict, dtype: str) -> str:
+    """A folder name for the cache of (teacher fingerprints, data options): equal inputs, equal name.
+
+    ``spec_options`` are what decides the cached samples (source, its files or shards, preprocessing, seed,
+    passes); ``Class-<16 hex>`` keeps the name short while any change of a weight or an option changes it."""
+    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher": teacher,
+                                   "teacher_b": teacher_b, "data": spec_options, "dtype": dtype},
+                                  sort_keys=True, default=str).encode())
+    return f"{teacher.split('(', 1)[0]}-{h.hexdigest()[:16]}"
+
+
 def posterior(ae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Diffusion-space (mean, logvar or None) of images x in [-1, 1]."""
     post = ae.posterior(x)

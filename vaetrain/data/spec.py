@@ -57,6 +57,10 @@ class DataSpec:
     prefetch_factor: int = 4
     # latent caches
     expect_cache_meta: dict | None = None
+    # image sources: train from the teacher's cached latents instead (built once when missing; see
+    # vaetrain.commands.cache_latents.ensure_latent_cache): null (off), auto or a folder the caches are kept under
+    latent_cache: str | None = None
+    latent_cache_passes: int = 1   # differently cropped / flipped copies of the data in the cache
     # distribution (None: the trainer's)
     rank: int | None = None
     world_size: int | None = None
@@ -106,7 +110,8 @@ class DataSpec:
                                        ("synthetic_count", 1, False), ("val_count", 0, False),
                                        ("val_image_size", 8, True), ("val_batch_size", 1, True),
                                        ("prefetch_factor", 1, False), ("min_samples_for_skip_rate", 1, False),
-                                       ("seed", 0, False), ("rank", 0, True), ("world_size", 1, True)):
+                                       ("seed", 0, False), ("rank", 0, True), ("world_size", 1, True),
+                                       ("latent_cache_passes", 1, False)):
             bad = positive_int(key, minimum, optional)
             if bad:
                 return bad
