@@ -492,7 +492,7 @@ def test_engine_resume_with_every_option_continues_exactly(tmp_path):
 def test_ddp_with_every_option(tmp_path):
     """2 CPU processes (gloo) as users launch them: R1's double backward, the corrected target's inner gradient and
     per-rank replay buffers under DDP; both ranks end with the same student, and the checkpoint holds the buffer."""
-    cmd = [sys.executable, "-m", "vaetrain.cli", "train", "trainer=ddp_cpu", "loss@loss.lpips=lpips_random",
+    cmd = [sys.executable, "-m", "vaetrain.cli", "train", "trainer=ddp_cpu", "discriminator=patchgan_small", "loss@loss.lpips=lpips_random",
            "student.width=8", "data=synthetic", "data.image_size=32", "data.batch_size=2", "data.num_workers=0",
            "data.epoch_length=6", "data.val_count=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
            "trainer.limit_val_batches=1", "callbacks.checkpoint.every_n_steps=10", "trainer.enable_progress_bar=false",

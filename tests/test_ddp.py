@@ -13,7 +13,7 @@ import torch
 def test_ddp_two_cpu_processes_agree(tmp_path):
     # run_dir left at its clock-based default: rank 1 starts later, yet must write into rank 0's folder
     # strategy=auto with 2 devices: any multi-process strategy must take the GAN (unused parameters per backward)
-    cmd = [sys.executable, "-m", "vaetrain.cli", "train", "trainer=ddp_cpu", "trainer.strategy=auto",
+    cmd = [sys.executable, "-m", "vaetrain.cli", "train", "trainer=ddp_cpu", "discriminator=patchgan_small", "trainer.strategy=auto",
            "loss@loss.lpips=lpips_random", "student.width=8", "data=synthetic", "data.image_size=32", "data.batch_size=2", "data.num_workers=0",
            "data.epoch_length=6", "data.val_count=2", "trainer.max_steps=3", "trainer.val_check_interval=3",
            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_steps=2",
