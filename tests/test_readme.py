@@ -67,7 +67,7 @@ SKIP = {"pip install": "installs the package into a venv: .ci/run does that",
 # what makes each subcommand quick; the command's own values come after these and win where they repeat a key
 SHORT = {"train": ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                    "callbacks.checkpoint.every_n_steps=2", "trainer.enable_progress_bar=false", "logger=csv"],
-         "shards": ["max_samples=4"], "cache-latents": ["max_samples=4", "data.batch_size=2"]}
+         "shards": ["max_samples=4"], "cache-latents": ["max_samples=32", "data.batch_size=8"]}
 WEIGHTS = re.compile(r"[\w./-]+\.(?:pth|safetensors|ckpt|pt)\b")
 
 
