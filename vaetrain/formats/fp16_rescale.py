@@ -134,19 +134,26 @@ class _Builder:
         self.sites[cur].activations.append(p)
         return cur
 
+    def level(self, p: str, stream: str, level: nn.Module, cur: str, n: int, resample: str,
+              kind: type) -> tuple[str, int]:
+        """One resolution level: its blocks (a channel change starts a new stream segment) and its resampling
+        conv, which writes the next segment. Returns the current segment and its number."""
+        for j, block in enumerate(level.block):
+            n += block.nin_shortcut is not None
+            cur = self.resnet(f"{p}.block.{j}", block, cur, f"{stream}.{n}")
+        if isinstance(getattr(level, resample, None), kind):
+            n += 1
+            q = f"{p}.{resample}"
+            self.edge(f"{q}.conv", cur, f"{stream}.{n}")
+            cur = self.site(f"{stream}.{n}", "stream", f"{q}.conv", q)
+        return cur, n
+
     def encoder(self, p: str, enc: Encoder, outer_quant: str | None) -> None:
         cur = self.site(f"{p}.stream.0", "stream", f"{p}.conv_in")
         self.edge(f"{p}.conv_in", None, cur)
         n = 0
         for i, level in enumerate(enc.down):
-            for j, block in enumerate(level.block):
-                n += block.nin_shortcut is not None
-                cur = self.resnet(f"{p}.down.{i}.block.{j}", block, cur, f"{p}.stream.{n}")
-            if isinstance(getattr(level, "downsample", None), Downsample):
-                n += 1
-                q = f"{p}.down.{i}.downsample"
-                self.edge(f"{q}.conv", cur, f"{p}.stream.{n}")
-                cur = self.site(f"{p}.stream.{n}", "stream", f"{q}.conv", q)
+            cur, n = self.level(f"{p}.down.{i}", f"{p}.stream", level, cur, n, "downsample", Downsample)
         cur = self.mid(f"{p}.mid", enc.mid, cur)
         self.sites[cur].norms.append(f"{p}.norm_out")
         quant = f"{p}.quant_conv" if enc.quant_conv is not None else outer_quant
@@ -168,15 +175,7 @@ class _Builder:
         cur = self.mid(f"{p}.mid", dec.mid, cur)
         n = 0
         for i in reversed(range(len(dec.up))):
-            level = dec.up[i]
-            for j, block in enumerate(level.block):
-                n += block.nin_shortcut is not None
-                cur = self.resnet(f"{p}.up.{i}.block.{j}", block, cur, f"{p}.stream.{n}")
-            if isinstance(getattr(level, "upsample", None), Upsample):
-                n += 1
-                q = f"{p}.up.{i}.upsample"
-                self.edge(f"{q}.conv", cur, f"{p}.stream.{n}")
-                cur = self.site(f"{p}.stream.{n}", "stream", f"{q}.conv", q)
+            cur, n = self.level(f"{p}.up.{i}", f"{p}.stream", dec.up[i], cur, n, "upsample", Upsample)
         self.sites[cur].norms.append(f"{p}.norm_out")
 
 
