@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,14 @@ def assets() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In-process CLI tests start wandb's service (the default logger writes an offline run); stop it here, while
+    pytest still reports, rather than in wandb's exit hook, where a broken service shows only as a stuck exit."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        try:
+            wandb.teardown()
+        except Exception as e:  # a dead service must not turn a green run red; say so and go on
+            print(f"\nwandb teardown: {type(e).__name__}: {e}", file=sys.stderr)

@@ -190,14 +190,18 @@ def _children(pid: int) -> list[int]:
 
 
 class _SigtermAt(L.Callback):
-    """Signals the whole job the way a scheduler does: this process and its loader workers."""
+    """Signals the whole job the way a scheduler does: this process and its loader workers.
+
+    Only children started after this callback was built are the job's: pytest's process may already hold helpers
+    of earlier tests (wandb's service, which an in-process CLI test starts), and killing those breaks later tests."""
 
     def __init__(self, step):
         self.step, self.workers, self.survived = step, [], None
+        self.before = set(_children(os.getpid()))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
-            self.workers = _children(os.getpid())
+            self.workers = [c for c in _children(os.getpid()) if c not in self.before]
             for pid in [os.getpid(), *self.workers]:
                 os.kill(pid, signal.SIGTERM)
             time.sleep(0.5)
