@@ -6,6 +6,8 @@ import functools
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -227,6 +229,30 @@ def test_sigterm_writes_a_checkpoint_then_resume_finishes(tmp_path):
     r2 = train(kl(f=2), data(n_batches=4), callbacks={"ckpt": functools.partial(Checkpoint, every_n_steps=100)},
                resume="auto", **kw)
     assert r2["steps"] == 4 and not r2["preempted"] and Path(r2["exports"]["original"]).exists()
+
+
+_OUTLIVING_ITERATOR = """
+import torch
+from vaetrain.engine.callbacks import shield_loader_workers
+class DataModule:
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True)
+dm = DataModule()
+shield_loader_workers(dm)
+it = iter(dm.train_dataloader())
+next(it)
+keep = [it]
+keep.append(keep)  # a cycle, as Lightning's trainer/loop references make: the iterator lives until exit
+print("trained", flush=True)
+"""
+
+
+def test_a_process_whose_shielded_loader_workers_outlive_training_still_exits():
+    """The workers ignore SIGTERM (pre-emption); multiprocessing's exit hook ends daemonic children with SIGTERM and
+    joins them, so an iterator that outlived training hung the interpreter's exit (a CI run that never ended)."""
+    p = subprocess.run([sys.executable, "-c", _OUTLIVING_ITERATOR], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0 and "trained" in p.stdout, p.stderr[-2000:]
 
 
 def test_configuration_errors_are_one_line(tmp_path):

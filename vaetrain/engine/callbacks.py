@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import io
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -71,12 +73,16 @@ class Preemption(L.Callback):
         self._previous = {}
 
 
+_exit_hook_registered = False
+
+
 class _IgnorePreemptionSignals:
     """``worker_init_fn`` for DataLoader workers: ignore SIGTERM/SIGUSR1 (then run the loader's own init).
 
     Schedulers signal every process of a job, and torch's workers die on SIGTERM (and by default on
     SIGUSR1), which kills the main process's next fetch before it can write its checkpoint. Workers still
-    exit with the main process (sentinel or torch's parent watchdog).
+    exit with the main process (sentinel or torch's parent watchdog), and at interpreter exit
+    (``_end_shielded_workers``).
     """
 
     def __init__(self, inner=None):
@@ -90,11 +96,35 @@ class _IgnorePreemptionSignals:
             self.inner(worker_id)
 
 
+def _ignores_sigterm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            ignored = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    except (OSError, StopIteration, ValueError):
+        return True  # no /proc (macOS): assume it is one of ours
+    return bool(ignored >> (signal.SIGTERM - 1) & 1)
+
+
+def _end_shielded_workers() -> None:
+    """At interpreter exit, before multiprocessing's own exit hook (atexit runs the later registration first):
+    that hook ends daemonic children with SIGTERM and then joins them, which waits forever for a worker that
+    ignores SIGTERM, when a loader iterator outlived the training (persistent workers referenced from a cycle,
+    a notebook, a test session). Those workers have nothing left to do: end them with SIGKILL."""
+    for p in multiprocessing.active_children():
+        if p.daemon and _ignores_sigterm(p.pid):
+            p.kill()
+            p.join(5)
+
+
 def shield_loader_workers(datamodule) -> None:
     """Make the workers of ``datamodule``'s training loader survive pre-emption signals (see above)."""
     make = getattr(datamodule, "train_dataloader", None)
     if make is None or getattr(make, "_vaetrain_shielded", False):
         return
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_end_shielded_workers)
+        _exit_hook_registered = True
 
     def train_dataloader():
         loader = make()
