@@ -102,13 +102,19 @@ def test_resume_of_bad_files_is_one_line(tmp_path):
     torch.save({"encoder.conv_in.weight": torch.zeros(1)}, foreign)
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(pickle.dumps([1, 2, 3])[:5] + b"\x00" * 100)
+    text = tmp_path / "text.ckpt"
+    text.write_bytes(b"not a checkpoint at all")
+    zipped = tmp_path / "cut.ckpt"
+    zipped.write_bytes(b"PK\x03\x04" + b"\x00" * 20)
     cases = {empty: "file is empty", evil: "refused to unpickle", foreign: "not a training checkpoint",
-             junk: "not a", tmp_path / "missing.ckpt": "no checkpoint there"}
+             junk: "not a", text: "not a checkpoint (", zipped: "truncated or corrupt",
+             tmp_path / "missing.ckpt": "no checkpoint there"}
     for path, expect in cases.items():
         with pytest.raises(UserError) as e:
             find_resume(str(path), tmp_path)
         msg = str(e.value)
         assert expect in msg and "\n" not in msg and str(path) in msg, msg
         assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg
+        assert "documentation" not in msg and "internal" not in msg, msg  # torch's advice is not the cause
     assert not (tmp_path / "pwned").exists()
     assert isinstance(CheckpointError("x"), UserError)

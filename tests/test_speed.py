@@ -5,6 +5,10 @@ channels-last / torch.compile / fused optimizers leaving the loss curve where it
 import collections
 import csv
 import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -146,3 +150,20 @@ def test_autoencode_step_runs_each_half_once(student):
                        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
     fit(m, steps=1)
     assert calls == {"encoder": 1, "decoder": 1}
+
+
+def test_bench_train_runs_every_shape_and_reports_both_ratios(tmp_path):
+    """scripts/bench_train.py as run for the README, shrunk: each shape's framework step and hand-written loop run,
+    and the JSON holds wall-clock and CPU ratios (the numbers themselves belong to the benchmark, not here)."""
+    out = tmp_path / "bench.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+    p = subprocess.run([sys.executable, str(script), "--steps", "4", "--warmup", "1", "--reps", "1", "--size", "32",
+                        "--batch", "2", "--threads", "1", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["shape"] for r in rows] == ["default", "taesd_decoder", "kl_decoder"]
+    for r in rows:
+        assert r["framework_ms"] > 0 and r["loop_ms"] > 0 and r["gflop_per_step"] > 0
+        assert r["ratio"] == pytest.approx(r["framework_ms"] / r["loop_ms"], rel=0.01)
+        assert r["cpu_ratio"] == pytest.approx(r["framework_cpu_ms"] / r["loop_cpu_ms"], rel=0.01)

@@ -64,11 +64,18 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False):
             raise CheckpointError(
                 f"{path}: refused to unpickle: it holds objects other than tensors ({wanted[1] if wanted else 'a global'}), "
                 f"which could run code; only open it if you made it, and convert it to safetensors first") from None
-        raise CheckpointError(f"{path}: not a checkpoint ({msg[:200]})") from None
+        raise CheckpointError(f"{path}: not a checkpoint ({_first_sentence(msg)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({_one_line(e)[:200]})") from None
+        why = _first_sentence(_one_line(e))
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({why})") from None
     except Exception as e:  # the weights_only unpickler fails on arbitrary bytes with IndexError, KeyError, ...
-        raise CheckpointError(f"{path}: not a checkpoint ({type(e).__name__}: {_one_line(e)[:200]})") from None
+        raise CheckpointError(f"{path}: not a checkpoint ({type(e).__name__}: {_first_sentence(_one_line(e))})") from None
+
+
+def _first_sentence(msg: str) -> str:
+    """torch's load errors go on after the cause with advice (documentation links, how to disable weights_only)
+    that does not belong in a one-line error."""
+    return re.split(r"\.\s|\s(?=Check the documentation)", msg)[0].rstrip(".")[:200]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
