@@ -105,6 +105,7 @@ def test_nonfinite_step_is_dropped_on_the_device():
     assert all(torch.equal(s1[k], s2[k]) for k in s1), "the NaN step changed the student"
     assert all(torch.equal(e1[k], e2[k]) for k in e1 if k != "num_updates"), "the NaN step moved the EMA"
     assert any(not torch.equal(s2[k], s3[k]) for k in s2), "training did not continue"
+    assert any(not torch.equal(e2[k], e3[k]) for k in e2 if k != "num_updates"), "the EMA stopped following"
     assert all(torch.isfinite(v).all() for v in s3.values() if v.is_floating_point())
     assert m.guard.total == 1
 
