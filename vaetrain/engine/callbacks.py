@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import multiprocessing
+# imported before the hook below is registered, so that its own exit hook (registered at import) runs after ours
+import multiprocessing.util  # noqa: F401
 import os
 import signal
 import subprocess
@@ -73,9 +76,6 @@ class Preemption(L.Callback):
         self._previous = {}
 
 
-_exit_hook_registered = False
-
-
 class _IgnorePreemptionSignals:
     """``worker_init_fn`` for DataLoader workers: ignore SIGTERM/SIGUSR1 (then run the loader's own init).
 
@@ -116,15 +116,17 @@ def _end_shielded_workers() -> None:
             p.join(5)
 
 
+@functools.cache
+def _register_exit_hook() -> None:
+    atexit.register(_end_shielded_workers)
+
+
 def shield_loader_workers(datamodule) -> None:
     """Make the workers of ``datamodule``'s training loader survive pre-emption signals (see above)."""
     make = getattr(datamodule, "train_dataloader", None)
     if make is None or getattr(make, "_vaetrain_shielded", False):
         return
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_end_shielded_workers)
-        _exit_hook_registered = True
+    _register_exit_hook()
 
     def train_dataloader():
         loader = make()
