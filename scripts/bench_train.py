@@ -86,6 +86,14 @@ def batches(shape: Shape, teacher, n: int, device) -> list[dict]:
     return out
 
 
+def prepared(name: str, size: int | None, batch: int | None, device: str) -> tuple[Shape, list[dict]]:
+    """A shape at the size and batch asked for (its own where None) and 8 in-memory batches for it."""
+    base = SHAPES[name]
+    shape = Shape(base.name, base.mode, size or base.size, batch or base.batch, base.lpips_weight, base.gan)
+    _, teacher, _, _ = build(shape)
+    return shape, batches(shape, teacher, 8, device)
+
+
 def adamw(params):
     return torch.optim.AdamW(params, lr=1e-4, fused=True)
 
@@ -215,11 +223,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = []
     for name in args.shapes:
-        shape = SHAPES[name]
-        shape = Shape(shape.name, shape.mode, args.size or shape.size, args.batch or shape.batch, shape.lpips_weight,
-                      shape.gan)
-        _, teacher, _, _ = build(shape)
-        data = batches(shape, teacher, 8, args.device)
+        shape, data = prepared(name, args.size, args.batch, args.device)
         fw, loop = [], []
         for _ in range(args.reps):  # alternating, so drift in the machine's load hits both alike
             fw.append(run_framework(shape, data, args.steps, args.warmup, args.device, args.bf16))

@@ -26,6 +26,7 @@ from vaetrain.data import ImageDataModule
 from vaetrain.engine.checkpoints import Checkpoint
 from vaetrain.engine.callbacks import Preemption
 from vaetrain.engine.module import VAETrainModule
+from vaetrain.engine.parallel import TwoWrapperDDPStrategy
 from vaetrain.engine.schedule import WarmupCosine
 from vaetrain.losses import MSE, Adversarial, LatentMSE, LossTerm
 from vaetrain.models.autoencoder_kl import AutoencoderKL
@@ -238,10 +239,14 @@ def test_psnr_teacher_is_against_the_teacher_for_reduced_resolution_decoders():
 
 # 9 ---------------------------------------------------------------------------------------------------------
 def test_auto_strategy_with_several_devices_gets_a_gan_aware_ddp():
+    # GAN-aware by layout: the student and D in DDP wrappers of their own, each used only in its own backward
     s = resolve_strategy({"strategy": "auto", "devices": 2, "accelerator": "cpu"}, gan=True)
-    assert isinstance(s, DDPStrategy) and s._ddp_kwargs["find_unused_parameters"]
-    s = resolve_strategy({"strategy": "ddp", "devices": 2, "accelerator": "cpu"}, gan=False)
-    assert isinstance(s, DDPStrategy) and not s._ddp_kwargs["find_unused_parameters"]
+    assert isinstance(s, TwoWrapperDDPStrategy) and not s._ddp_kwargs["find_unused_parameters"]
+    # or in Lightning's one wrapper, which must then search for the unused parameters
+    s = resolve_strategy({"strategy": "ddp_one_wrapper", "devices": 2, "accelerator": "cpu"}, gan=True)
+    assert type(s) is DDPStrategy and s._ddp_kwargs["find_unused_parameters"]
+    s = resolve_strategy({"strategy": "ddp_one_wrapper", "devices": 2, "accelerator": "cpu"}, gan=False)
+    assert type(s) is DDPStrategy and not s._ddp_kwargs["find_unused_parameters"]
     assert resolve_strategy({"strategy": "auto", "devices": 1}, gan=True) == "auto"
     assert resolve_strategy({"strategy": "auto", "devices": 1, "num_nodes": 2}, gan=True) != "auto"
     # end to end with two gloo processes: tests/test_ddp.py runs the CLI with trainer.strategy=auto

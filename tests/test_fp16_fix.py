@@ -17,7 +17,7 @@ from safetensors import safe_open
 from conftest import ROOT
 from vaetrain.cli import main
 from vaetrain.commands.audit_fp16 import FP16_MAX, activation_stats, audit_fp16
-from vaetrain.commands.fp16_fix import _stats, fp16_fix
+from vaetrain.commands.fp16_fix import _stats
 from vaetrain.formats import load_autoencoder, save_autoencoder
 from vaetrain.formats.export import EXPORT_KEY
 from vaetrain.formats.fp16_rescale import apply, choose, sites

@@ -4,7 +4,6 @@ The full TAEF2 Kodak24 check (24 images at 496 px, ~6 TFLOP) is the slowest test
 minute of 2 cores); it is the published number, so it always runs when the assets are present.
 """
 
-import os
 
 import numpy as np
 import pytest

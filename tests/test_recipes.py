@@ -9,7 +9,6 @@ source) is what runs. The *_taef2 and *_cpu real-run variants use the real TAEF2
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import shutil
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from vaetrain.cli import compose, conf_dir, run
 from vaetrain.formats.export import EXPORT_KEY

@@ -6,6 +6,7 @@ import collections
 import csv
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,17 @@ def test_bench_train_runs_every_shape_and_reports_both_ratios(tmp_path):
         assert r["framework_ms"] > 0 and r["loop_ms"] > 0 and r["gflop_per_step"] > 0
         assert r["ratio"] == pytest.approx(r["framework_ms"] / r["loop_ms"], rel=0.01)
         assert r["cpu_ratio"] == pytest.approx(r["framework_cpu_ms"] / r["loop_cpu_ms"], rel=0.01)
+
+
+def test_bench_ddp_compares_both_layouts_on_two_processes(tmp_path):
+    """scripts/bench_ddp.py shrunk: both DDP layouts train the GAN shape on 2 gloo processes and the JSON holds
+    their ms/step and ratios."""
+    out = tmp_path / "bench_ddp.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ddp.py"
+    p = subprocess.run([sys.executable, str(script), "--shapes", "taesd_decoder", "--steps", "4", "--warmup", "1",
+                        "--reps", "1", "--size", "32", "--batch", "1", "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    (r,) = json.loads(out.read_text())
+    assert r["shape"] == "taesd_decoder" and r["gan"] and r["one_wrapper_ms"] > 0 and r["two_wrappers_ms"] > 0
+    assert r["ratio"] == pytest.approx(r["two_wrappers_ms"] / r["one_wrapper_ms"], rel=0.01)

@@ -15,6 +15,10 @@ launcher sets; always give a fixed ``run_dir`` so that every rank and every rest
   On SIGUSR1/SIGTERM every rank finishes its step, ``last.ckpt`` is written, the job is requeued
   (``scontrol requeue``) and the restarted job continues with ``resume=auto``.
 
+DDP (``trainer.strategy=ddp``) wraps the student and the discriminator apart (``vaetrain.engine.parallel``), so a
+GAN step needs no unused-parameter search; ``trainer.strategy=ddp_one_wrapper`` is Lightning's wrapper of the whole
+module (with the search for a GAN; ``scripts/bench_ddp.py`` compares the two).
+
 Resume is exact (same weights as an uninterrupted run on CPU) from any checkpoint, mid-epoch included:
 weights, EMA, discriminator, both optimizers and schedules, the step, the RNG states and every rank's and
 loader worker's data position are restored, and the posterior noise is a function of (seed, step, rank).
@@ -44,6 +48,7 @@ from vaetrain.engine.callbacks import ImageGrid, Preemption, shield_loader_worke
 from vaetrain.engine.checkpoints import AtomicCheckpointIO, checkpoint_position, find_resume, remove_stale_fragments
 from vaetrain.engine.guards import NonFiniteLossError
 from vaetrain.engine.module import VAETrainModule
+from vaetrain.engine.parallel import TwoWrapperDDPStrategy
 from vaetrain.formats import ExportInfo, latent_space, save_autoencoder
 from vaetrain.formats.io import CheckpointError
 from vaetrain.models.base import Autoencoder
@@ -81,9 +86,12 @@ def _build(obj: Any, run_dir: Path, resume_at: int | None = None) -> Any:
     return obj() if hasattr(obj, "func") else obj
 
 
-# the DDP strategies Lightning may pick (or be told to use), with their process start methods
+# the DDP strategies Lightning may pick (or be told to use), with their process start methods; the last two are
+# vaetrain's: the whole module in one DDP wrapper (Lightning's layout), or the student and the discriminator apart
 _DDP_START = {"auto": "popen", "ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork",
-              "ddp_find_unused_parameters_true": "popen", "ddp_find_unused_parameters_false": "popen"}
+              "ddp_find_unused_parameters_true": "popen", "ddp_find_unused_parameters_false": "popen",
+              "ddp_one_wrapper": "popen", "ddp_two_wrappers": "popen"}
+_ONE_WRAPPER = ("ddp_one_wrapper", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
 
 
 def _processes(trainer_kwargs: Mapping) -> int:
@@ -100,15 +108,26 @@ def _processes(trainer_kwargs: Mapping) -> int:
     return n * int(trainer_kwargs.get("num_nodes", 1) or 1)
 
 
-def resolve_strategy(trainer_kwargs: Mapping, gan: bool):
-    """Any multi-process DDP strategy (including ``auto`` with several devices) as a ``DDPStrategy`` that
-    knows about the GAN: the G backward leaves the frozen discriminator without gradients and the D backward
-    leaves the student without, so DDP must allow unused parameters then (and only then: the search costs a
-    graph traversal per backward). Gradients live in DDP's buckets (``gradient_as_bucket_view``: no copy)."""
+def resolve_strategy(trainer_kwargs: Mapping, gan: bool, accumulate: int = 1):
+    """Any multi-process DDP strategy (including ``auto`` with several devices) as one of vaetrain's two DDP
+    layouts. ``ddp_two_wrappers`` (what ``ddp``, ``auto`` & co. give) wraps the student and the discriminator
+    apart, each used only in its own backward: no unused-parameter search. ``ddp_one_wrapper`` and Lightning's
+    ``ddp_find_unused_parameters_*`` wrap the whole module at once: the G backward leaves the frozen
+    discriminator without gradients and the D backward leaves the student without, so DDP must search for unused
+    parameters then (a graph traversal per backward), and DDP cannot combine that search with ``no_sync``
+    accumulation. Gradients live in DDP's buckets (``gradient_as_bucket_view``: no copy)."""
     strategy = trainer_kwargs.get("strategy", "auto")
     if not isinstance(strategy, str) or strategy not in _DDP_START or _processes(trainer_kwargs) <= 1:
         return strategy
-    return DDPStrategy(start_method=_DDP_START[strategy], find_unused_parameters=gan, gradient_as_bucket_view=True)
+    start = _DDP_START[strategy]
+    if strategy not in _ONE_WRAPPER:
+        return TwoWrapperDDPStrategy(start_method=start, find_unused_parameters=False, gradient_as_bucket_view=True)
+    if gan and accumulate > 1:
+        raise UserError(f"trainer.strategy={strategy}: a discriminator with module.accumulate={accumulate} cannot "
+                        f"train in one DDP wrapper (DDP's unused-parameter search fails with no_sync accumulation); "
+                        f"use trainer.strategy=ddp_two_wrappers (what ddp gives)")
+    return DDPStrategy(start_method=start, find_unused_parameters=gan or strategy == "ddp_find_unused_parameters_true",
+                       gradient_as_bucket_view=True)
 
 
 def manual_optimisation_options(trainer_kwargs: dict, opts: dict) -> None:
@@ -219,7 +238,8 @@ def train(
     cbs = [cb for cb in (_build(v, run_dir) for v in (callbacks or {}).values()) if cb is not None]
     if any(isinstance(cb, Preemption) for cb in cbs):
         shield_loader_workers(datamodule)
-    trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs, adversarial is not None)
+    trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs, adversarial is not None,
+                                                 int(opts.get("accumulate", 1) or 1))
     trainer_kwargs.setdefault("default_root_dir", str(run_dir))
     trainer_kwargs.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in cbs))
     plugins = list(trainer_kwargs.pop("plugins", None) or []) + [AtomicCheckpointIO()]

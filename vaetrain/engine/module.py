@@ -92,6 +92,7 @@ class VAETrainModule(L.LightningModule):
         self.channels_last, self.compile_backend = channels_last, compile
         self.guard = StepGuard(max_nonfinite_in_a_row)
         self._micro, self._window, self._norms, self._norms_before = 0, [], {}, {}
+        self.wrappers: dict[str, nn.Module] = {}  # DDP wrappers of the parts, set by TwoWrapperDDPStrategy
         self.config: dict | None = None  # the resolved run config, saved into checkpoints (set by the train command)
         # how to rebuild the student from a checkpoint alone (`vaetrain convert RUN.ckpt`, `vaetrain eval`)
         self.description = describe(student) if isinstance(student, HasParams) else None
@@ -110,6 +111,16 @@ class VAETrainModule(L.LightningModule):
     def nonfinite_total(self) -> int:
         return self.guard.total
 
+    def parallel_parts(self) -> dict[str, nn.Module]:
+        """The networks that train, each in a DDP wrapper of its own under ``trainer.strategy=ddp_two_wrappers``."""
+        return {"student": self.student, **({"adversarial": self.adversarial} if self.adversarial is not None else {})}
+
+    def through(self, part: str, fn):
+        """``fn(part)`` for a step's forward: through the part's own DDP wrapper when there is one (DDP prepares its
+        reducer for the backward in forward)."""
+        wrapper = self.wrappers.get(part)
+        return fn(getattr(self, part)) if wrapper is None else wrapper(fn)
+
     def train(self, mode: bool = True):
         super().train(mode)
         for t in getattr(self, "teachers", ()):
@@ -118,13 +129,17 @@ class VAETrainModule(L.LightningModule):
             m.eval()
         return self
 
-    def on_fit_start(self) -> None:
-        for t in self.teachers:
-            t.to(self.device)
+    def configure_model(self) -> None:
+        # before the strategy wraps the networks in DDP, whose gradient buckets take the parameters' layout then
+        # (converted later, every gradient would be copied into a bucket of the other layout)
         if self.channels_last:
             performance.to_channels_last([self.student, *(t.model for t in self.teachers),
                                           *([self.ema] if self.ema is not None else []),
                                           *([self.adversarial] if self.adversarial is not None else [])])
+
+    def on_fit_start(self) -> None:
+        for t in self.teachers:
+            t.to(self.device)
         if self.compile_backend:
             performance.compile_in_place(performance.compiled_parts(self.student, self.adversarial, self.losses),
                                          self.compile_backend)
@@ -217,7 +232,7 @@ class VAETrainModule(L.LightningModule):
 
         # ---- G step: D frozen (toggle_model); between accumulation boundaries DDP does not all-reduce
         with opt_g.toggle_model(sync_grad=boundary):
-            inp = self.forward_mode(self.student, batch, self.setup_, True)
+            inp = self.through("student", lambda s: self.forward_mode(s, batch, self.setup_, True))
             inp.step = step  # the terms that act on a schedule (R1's cadence) read the global step
             values = {name: term(inp) for name, term in self.losses.items()}
             total = sum((term.weight * values[name] for name, term in self.losses.items()),
@@ -235,7 +250,8 @@ class VAETrainModule(L.LightningModule):
         # ---- D step: fakes and condition detached; the student is frozen
         if d_on:
             with opt_d.toggle_model(sync_grad=boundary):
-                d_loss, d_stats = adv.d_loss(replace(inp, recon=inp.recon.detach(), cond=_detached(inp.cond)))
+                d_inp = replace(inp, recon=inp.recon.detach(), cond=_detached(inp.cond))
+                d_loss, d_stats = self.through("adversarial", lambda a: a.d_loss(d_inp))
                 self.manual_backward(d_loss / self.accumulate)
             self._window.append(d_loss.detach())
             logs.update({f"train/d_{k}": v for k, v in d_stats.items()}, **{"train/d_loss": d_loss.detach()})
