@@ -50,7 +50,7 @@ class TwoWrapperDDPStrategy(DDPStrategy):
         parts = module.parallel_parts() if hasattr(module, "parallel_parts") else None
         if not parts:
             raise ValueError(f"trainer.strategy=ddp_two_wrappers: {type(module).__name__} names no parts to wrap "
-                             f"(parallel_parts); use trainer.strategy=ddp")
+                             f"(parallel_parts); use trainer.strategy=ddp_one_wrapper")
         # the EMA and anything else outside the parts: DDP broadcasts only what it wraps
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=0)
